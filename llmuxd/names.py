@@ -41,6 +41,7 @@ def validate_model_name(name: object) -> None:
         raise ValueError(f"invalid model name {name!r}: use {MODEL_NAME_RULE}")
 
 
+_HEX = frozenset("0123456789abcdefABCDEF")
 _UNIT_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789:_.")
 
 
@@ -60,12 +61,16 @@ def systemd_escape(text: str) -> str:
 
 
 def systemd_unescape(text: str) -> str:
-    """Inverse of `systemd_escape`."""
+    """Inverse of `systemd_escape`; raises ValueError on a malformed escape
+    (as `systemd-escape --unescape` fails)."""
     raw = bytearray()
     i = 0
     while i < len(text):
-        if text.startswith("\\x", i) and i + 4 <= len(text):
-            raw.append(int(text[i + 2 : i + 4], 16))
+        if text[i] == "\\":
+            code = text[i + 2 : i + 4]
+            if not text.startswith("\\x", i) or len(code) != 2 or not set(code) <= _HEX:
+                raise ValueError(f"malformed escape in {text!r} at {i}; expected \\xNN")
+            raw.append(int(code, 16))
             i += 4
         elif text[i] == "-":
             raw.append(ord("/"))
@@ -85,29 +90,35 @@ def model_from_unit(unit: str) -> str | None:
     """The model a llmux unit name belongs to, or None if it is not one of ours."""
     if not (unit.startswith(UNIT_PREFIX) and unit.endswith(UNIT_SUFFIX)):
         return None
-    return systemd_unescape(unit[len(UNIT_PREFIX) : -len(UNIT_SUFFIX)])
+    try:
+        return systemd_unescape(unit[len(UNIT_PREFIX) : -len(UNIT_SUFFIX)])
+    except (ValueError, UnicodeDecodeError):
+        return None
 
 
 def bus_path_escape(text: str) -> str:
     """sd_bus_path_encode()'s rule for one path element: bytes outside
-    [A-Za-z0-9] become _xx (lower-case hex); the empty string is '_'."""
+    [A-Za-z0-9], and a digit in first place, become _xx (lower-case hex);
+    the empty string is '_'."""
     if not text:
         return "_"
     out = []
-    for byte in text.encode("utf-8"):
+    for i, byte in enumerate(text.encode("utf-8")):
         ch = chr(byte)
-        out.append(ch if ch.isascii() and ch.isalnum() else f"_{byte:02x}")
+        keep = ch.isascii() and (ch.isalpha() or (ch.isdigit() and i > 0))
+        out.append(ch if keep else f"_{byte:02x}")
     return "".join(out)
 
 
 def bus_path_unescape(text: str) -> str:
-    """Inverse of `bus_path_escape`."""
+    """Inverse of `bus_path_escape` (sd_bus_path_decode): '_' not followed
+    by two hex digits is taken literally, as sd-bus does."""
     if text == "_":
         return ""
     raw = bytearray()
     i = 0
     while i < len(text):
-        if text[i] == "_":
+        if text[i] == "_" and i + 2 < len(text) and text[i + 1] in _HEX and text[i + 2] in _HEX:
             raw.append(int(text[i + 1 : i + 3], 16))
             i += 3
         else:

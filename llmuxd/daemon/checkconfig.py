@@ -1,0 +1,58 @@
+"""`llmuxd check-config [FILE]`: validate a config without starting anything.
+
+Prints the effective configuration (YAML, every default filled in, backend
+ports resolved) on stdout and exits 0, or prints each problem on stderr as
+``FILE: KEY.PATH: what was wrong; what is allowed`` and exits 1. Meant for
+``ExecReload=``-style pre-checks and for people editing /etc/llmux.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional, TextIO
+
+import yaml
+
+from llmuxd.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+
+
+def check_config(
+    path: Optional[str] = None,
+    dropin_dir: Optional[str] = None,
+    *,
+    stdout: Optional[TextIO] = None,
+    stderr: Optional[TextIO] = None,
+) -> int:
+    """Load `path` (default /etc/llmux/llmux.yaml) and its drop-ins; 0 if valid, else 1."""
+    out = stdout or sys.stdout
+    err = stderr or sys.stderr
+    try:
+        config = load_config(path, dropin_dir)
+    except ConfigError as exc:
+        for issue in exc.issues:
+            print(issue, file=err)
+        print(f"{len(exc.issues)} problem(s); nothing was changed", file=err)
+        return 1
+    for note in config.notes:
+        print(f"note: {note}", file=err)
+    out.write("# effective configuration, read from:\n")
+    for source in config.sources:
+        out.write(f"#   {source}\n")
+    out.write(yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=False))
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="llmuxd check-config",
+        description="Validate the llmux configuration and print the effective result.",
+    )
+    parser.add_argument("file", nargs="?", default=None, help=f"config file (default {DEFAULT_CONFIG_PATH})")
+    parser.add_argument("--dropin-dir", default=None, help="models.d directory (default: beside FILE)")
+    args = parser.parse_args(argv)
+    return check_config(args.file, args.dropin_dir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
