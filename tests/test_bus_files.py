@@ -62,7 +62,7 @@ def test_activation_file():
         "Name": path.stem,  # dbus-daemon (and lintian) require file name == Name=
         "Exec": "/bin/false",
         "User": "root",
-        "SystemdService": "llmuxd.service",
+        "SystemdService": "dbus-io.llmux.LLMux1.service",
     }
 
 
