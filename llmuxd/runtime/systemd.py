@@ -1,0 +1,565 @@
+"""System mode: each backend is a transient systemd unit in llmux.slice.
+
+Spoken over D-Bus (dbus-fast, low-level messages, so dbus-fast 1.84 and 2.x+
+behave the same). The unit, not llmuxd, owns the process tree: a daemon
+restart leaves the models running and `adopt()` picks them up again.
+
+Rules followed here (reference: system-conventions §3.3-3.5):
+- `Subscribe` once and keep one JobRemoved handler; results of jobs nobody
+  awaits yet are kept, because the signal can arrive before the method reply
+  is processed.
+- A unit's state is followed through PropertiesChanged on its object path,
+  matched *before* the unit is created so nothing is missed, not by polling.
+- Units llmux creates carry a marker (Environment LLMUX_MODEL=<model> and a
+  Description prefix); a unit with our name but without the marker belongs to
+  someone else and is never stopped, frozen or adopted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import signal
+from collections import OrderedDict
+from typing import Any, Iterable
+
+from dbus_fast import BusType, Message, MessageFlag, MessageType, Variant
+from dbus_fast.aio import MessageBus
+
+from llmuxd.errors import BackendError, NotSupported
+from llmuxd.names import (
+    JOURNAL_MODEL_FIELD,
+    SLICE,
+    SYSLOG_PREFIX,
+    UNIT_PATTERN,
+    bus_path_escape,
+    model_from_unit,
+    unit_name,
+)
+from llmuxd.runtime.base import (
+    ExitCallback,
+    ExitStatus,
+    ForeignUnit,
+    DEFAULT_STOP_TIMEOUT,
+    Handle,
+    LaunchSpec,
+    RunState,
+    RuntimeUnavailable,
+)
+
+log = logging.getLogger("llmuxd.runtime.systemd")
+
+SYSTEMD_BUS_NAME = "org.freedesktop.systemd1"
+SYSTEMD_PATH = "/org/freedesktop/systemd1"
+MANAGER_IFACE = "org.freedesktop.systemd1.Manager"
+UNIT_IFACE = "org.freedesktop.systemd1.Unit"
+SERVICE_IFACE = "org.freedesktop.systemd1.Service"
+PROPERTIES_IFACE = "org.freedesktop.DBus.Properties"
+DBUS_NAME = "org.freedesktop.DBus"
+DBUS_PATH = "/org/freedesktop/DBus"
+
+#: the Description every unit llmux creates starts with (a marker people see)
+DESCRIPTION_PREFIX = "llmux backend: "
+#: the Environment entry that marks a unit as llmux's (checked on adopt)
+MARKER_VAR = JOURNAL_MODEL_FIELD
+#: device nodes every CUDA process needs besides its /dev/nvidiaN
+NVIDIA_CONTROL_DEVICES = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools")
+#: ExecMainCode values (waitid si_code)
+CLD_EXITED = 1
+#: how many finished-but-unclaimed job results are kept
+JOB_RESULTS_KEPT = 256
+#: a job (start/stop) that does not finish in this much more than its own timeout is lost
+JOB_SLACK = 30.0
+_GONE_ERRORS = ("org.freedesktop.systemd1.NoSuchUnit", "org.freedesktop.DBus.Error.UnknownObject")
+
+
+class SystemdError(Exception):
+    """A D-Bus error reply from systemd (name + message), mapped by callers."""
+
+    def __init__(self, name: str, message: str):
+        super().__init__(f"{name}: {message}")
+        self.name = name
+        self.message = message
+
+
+def unit_object_path(unit: str) -> str:
+    """systemd's object path of a unit (bus label escaping; our names start with a letter)."""
+    return f"{SYSTEMD_PATH}/unit/{bus_path_escape(unit)}"
+
+
+def escape_exec_arg(arg: str) -> str:
+    """systemd expands $VAR in ExecStart argv at exec time; '$$' is a literal '$'."""
+    return arg.replace("$", "$$")
+
+
+def marker_env(model: str) -> str:
+    return f"{MARKER_VAR}={model}"
+
+
+def transient_unit_properties(spec: LaunchSpec, exec_path: str) -> list[list[Any]]:
+    """The StartTransientUnit properties (a(sv)) of one backend unit.
+
+    Only properties systemd 252 knows: an unknown name fails the whole call.
+    """
+    env = [marker_env(spec.model)] + [f"{key}={value}" for key, value in spec.env.items()]
+    props: list[list[Any]] = [
+        ["Description", Variant("s", DESCRIPTION_PREFIX + (spec.description or spec.model))],
+        ["Slice", Variant("s", SLICE)],
+        ["Type", Variant("s", spec.service_type)],
+        [
+            "ExecStart",
+            Variant("a(sasb)", [[exec_path, [escape_exec_arg(a) for a in spec.argv], False]]),
+        ],
+        ["Environment", Variant("as", env)],
+        ["KillMode", Variant("s", "mixed")],
+        ["TimeoutStopUSec", Variant("t", int(spec.stop_timeout * 1_000_000))],
+        ["SyslogIdentifier", Variant("s", SYSLOG_PREFIX + spec.model)],
+        ["LogExtraFields", Variant("aay", [marker_env(spec.model).encode()])],
+        ["CollectMode", Variant("s", "inactive-or-failed")],
+    ]
+    if spec.pid_file:
+        props.append(["PIDFile", Variant("s", spec.pid_file)])
+    if spec.user:
+        props.append(["User", Variant("s", spec.user)])
+    if spec.group:
+        props.append(["Group", Variant("s", spec.group)])
+    if spec.working_directory:
+        props.append(["WorkingDirectory", Variant("s", spec.working_directory)])
+    if spec.gpus:
+        # /dev/nvidiaN uses the driver's minor number, which equals the index on
+        # the usual single-root systems; CUDA_VISIBLE_DEVICES carries the index.
+        devices = [[node, "rw"] for node in NVIDIA_CONTROL_DEVICES]
+        devices += [[f"/dev/nvidia{gpu}", "rw"] for gpu in spec.gpus]
+        props.append(["DevicePolicy", Variant("s", "closed")])
+        props.append(["DeviceAllow", Variant("a(ss)", devices)])
+    return props
+
+
+class _UnitHandle(Handle):
+    """A Handle plus the unit's last known D-Bus properties."""
+
+    unit: str
+    path: str
+    spec: LaunchSpec | None
+    props: dict[str, Any]
+    seen_active: bool
+
+
+def _new_handle(model: str, unit: str, spec: LaunchSpec | None, adopted: bool = False) -> _UnitHandle:
+    handle = _UnitHandle(model=model, name=unit, adopted=adopted)
+    handle.unit = unit
+    handle.path = unit_object_path(unit)
+    handle.spec = spec
+    handle.props = {}
+    handle.seen_active = False
+    return handle
+
+
+def _exit_status(props: dict[str, Any]) -> ExitStatus:
+    result = props.get("Result", "exited")
+    code = props.get("ExecMainCode")
+    status = props.get("ExecMainStatus")
+    if code == CLD_EXITED:
+        return ExitStatus(code=status, result=result)
+    if code and status:  # killed or dumped
+        return ExitStatus(signal=status, result=result)
+    return ExitStatus(result=result)
+
+
+class SystemdRuntime:
+    """Runtime for system mode: transient units driven over the system bus."""
+
+    def __init__(self, *, bus_address: str | None = None, job_timeout: float = 90.0):
+        self._bus_address = bus_address
+        self._job_timeout = job_timeout
+        self._bus: MessageBus | None = None
+        self._callbacks: list[ExitCallback] = []
+        self._by_path: dict[str, _UnitHandle] = {}
+        self._job_waiters: dict[str, asyncio.Future] = {}
+        self._job_results: OrderedDict[str, str] = OrderedDict()
+        #: units found with our naming pattern but without our marker
+        self.foreign_units: set[str] = set()
+        self.systemd_version = ""
+        #: systemd's unique bus name: signals from anyone else are ignored
+        #: (any local user may broadcast a forged PropertiesChanged)
+        self._systemd_owner: str | None = None
+        #: fire-and-forget bus calls (RemoveMatch, re-Subscribe), cancelled on close
+        self._background: set[asyncio.Task] = set()
+
+    # -- connection ---------------------------------------------------------
+
+    async def connect(self) -> None:
+        address = self._bus_address or os.environ.get("DBUS_SYSTEM_BUS_ADDRESS") or (
+            "unix:path=/run/dbus/system_bus_socket"
+        )
+        fix = (
+            "llmuxd in system mode needs systemd on the system bus; start it on a systemd host, "
+            "set DBUS_SYSTEM_BUS_ADDRESS, or use embedded mode (llmuxd run)"
+        )
+        try:
+            bus = MessageBus(bus_address=address, bus_type=BusType.SYSTEM)
+            await bus.connect()
+        except Exception as exc:  # noqa: BLE001 - every connect failure reads the same to a person
+            raise RuntimeUnavailable(f"cannot connect to the system bus at {address}: {exc}; {fix}") from None
+        self._bus = bus
+        bus.add_message_handler(self._on_message)
+        try:
+            await self._add_match(
+                f"type='signal',sender='{SYSTEMD_BUS_NAME}',path='{SYSTEMD_PATH}',"
+                f"interface='{MANAGER_IFACE}'"
+            )
+            await self._add_match(
+                f"type='signal',sender='{DBUS_NAME}',interface='{DBUS_NAME}',"
+                f"member='NameOwnerChanged',arg0='{SYSTEMD_BUS_NAME}'"
+            )
+            (self._systemd_owner,) = await self._call(
+                "GetNameOwner", "s", [SYSTEMD_BUS_NAME], path=DBUS_PATH, interface=DBUS_NAME, destination=DBUS_NAME
+            )
+            await self._call("Subscribe")
+            (version,) = await self._call(
+                "Get", "ss", [MANAGER_IFACE, "Version"], interface=PROPERTIES_IFACE
+            )
+            self.systemd_version = version.value
+        except SystemdError as exc:
+            bus.disconnect()
+            self._bus = None
+            raise RuntimeUnavailable(f"systemd does not answer on the bus at {address} ({exc.message}); {fix}") from None
+        log.info("connected to systemd %s at %s", self.systemd_version, address)
+
+    async def close(self) -> None:
+        """Disconnect; the units keep running (a daemon restart must not kill models)."""
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        if self._bus is not None:
+            self._bus.disconnect()
+            self._bus = None
+        for future in self._job_waiters.values():
+            if not future.done():
+                future.cancel()
+
+    def on_exit(self, callback: ExitCallback) -> None:
+        self._callbacks.append(callback)
+
+    async def _call(
+        self,
+        member: str,
+        signature: str = "",
+        body: Iterable[Any] = (),
+        *,
+        path: str = SYSTEMD_PATH,
+        interface: str = MANAGER_IFACE,
+        destination: str = SYSTEMD_BUS_NAME,
+    ) -> list[Any]:
+        if self._bus is None:
+            raise RuntimeUnavailable("not connected to systemd; call connect() first")
+        reply = await self._bus.call(
+            Message(
+                destination=destination,
+                path=path,
+                interface=interface,
+                member=member,
+                signature=signature,
+                body=list(body),
+                flags=MessageFlag.NO_AUTOSTART,
+            )
+        )
+        assert reply is not None
+        if reply.message_type == MessageType.ERROR:
+            raise SystemdError(reply.error_name or "", str(reply.body[0]) if reply.body else "")
+        return list(reply.body)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _resubscribe(self) -> None:
+        try:
+            await self._call("Subscribe")
+        except (SystemdError, RuntimeUnavailable):
+            pass  # already subscribed (systemd keeps subscribers across re-exec) or gone
+
+    async def _add_match(self, rule: str) -> None:
+        await self._call("AddMatch", "s", [rule], path=DBUS_PATH, interface=DBUS_NAME, destination=DBUS_NAME)
+
+    async def _remove_match(self, rule: str) -> None:
+        try:
+            await self._call("RemoveMatch", "s", [rule], path=DBUS_PATH, interface=DBUS_NAME, destination=DBUS_NAME)
+        except (SystemdError, RuntimeUnavailable):
+            pass
+
+    @staticmethod
+    def _unit_match(path: str) -> str:
+        return (
+            f"type='signal',sender='{SYSTEMD_BUS_NAME}',path='{path}',"
+            f"interface='{PROPERTIES_IFACE}',member='PropertiesChanged'"
+        )
+
+    # -- signals ------------------------------------------------------------
+
+    def _on_message(self, message: Message) -> None:
+        if message.message_type != MessageType.SIGNAL:
+            return None
+        if message.interface == DBUS_NAME and message.member == "NameOwnerChanged":
+            name, _old, new = message.body
+            if name == SYSTEMD_BUS_NAME and new:
+                # systemd re-executed (daemon-reexec): follow its new connection
+                self._systemd_owner = new
+                self._spawn(self._resubscribe())
+            return None
+        if message.sender != self._systemd_owner:
+            return None
+        if message.interface == MANAGER_IFACE and message.member == "JobRemoved":
+            _job_id, job_path, _unit, result = message.body
+            self._job_finished(job_path, result)
+        elif message.interface == MANAGER_IFACE and message.member == "UnitRemoved":
+            handle = self._by_path.get(message.body[1])
+            if handle is not None:
+                self._unit_gone(handle)
+        elif message.interface == PROPERTIES_IFACE and message.member == "PropertiesChanged":
+            handle = self._by_path.get(message.path)
+            if handle is not None:
+                _iface, changed, _invalidated = message.body
+                self._update(handle, {key: variant.value for key, variant in changed.items()})
+        return None
+
+    def _job_finished(self, job_path: str, result: str) -> None:
+        future = self._job_waiters.pop(job_path, None)
+        if future is not None and not future.done():
+            future.set_result(result)
+            return
+        self._job_results[job_path] = result
+        while len(self._job_results) > JOB_RESULTS_KEPT:
+            self._job_results.popitem(last=False)
+
+    async def _wait_job(self, job_path: str, timeout: float) -> str:
+        if job_path in self._job_results:
+            return self._job_results.pop(job_path)
+        future = asyncio.get_running_loop().create_future()
+        self._job_waiters[job_path] = future
+        try:
+            return await asyncio.wait_for(future, timeout)
+        finally:
+            self._job_waiters.pop(job_path, None)
+
+    def _update(self, handle: _UnitHandle, changed: dict[str, Any]) -> None:
+        handle.props.update(changed)
+        if "MainPID" in changed:
+            handle.main_pid = changed["MainPID"] or None
+        if handle.exited.is_set():
+            return
+        active = handle.props.get("ActiveState")
+        if active in ("activating", "active", "reloading", "deactivating"):
+            handle.seen_active = True
+            frozen = handle.props.get("FreezerState") in ("frozen", "freezing")
+            if active != "activating":
+                handle.state = RunState.FROZEN if frozen else RunState.RUNNING
+        elif active in ("inactive", "failed") and handle.seen_active:
+            self._finish(handle, _exit_status(handle.props))
+
+    def _unit_gone(self, handle: _UnitHandle) -> None:
+        if not handle.exited.is_set():
+            self._finish(handle, _exit_status(handle.props))
+        self._forget(handle)
+
+    def _finish(self, handle: _UnitHandle, status: ExitStatus) -> None:
+        if not handle.mark_exited(status):
+            return
+        if handle.stopping:
+            return
+        log.warning("model %s: unit %s %s", handle.model, handle.unit, status)
+        for callback in self._callbacks:
+            callback(handle, status)
+
+    def _forget(self, handle: _UnitHandle) -> None:
+        if self._by_path.get(handle.path) is handle:
+            del self._by_path[handle.path]
+            if self._bus is not None:
+                self._spawn(self._remove_match(self._unit_match(handle.path)))
+
+    async def _track(self, handle: _UnitHandle) -> None:
+        self._by_path[handle.path] = handle
+        await self._add_match(self._unit_match(handle.path))
+
+    async def _refresh(self, handle: _UnitHandle) -> bool:
+        """Read the unit's properties now; False when the unit is gone."""
+        props: dict[str, Any] = {}
+        for iface in (UNIT_IFACE, SERVICE_IFACE):
+            try:
+                (values,) = await self._call("GetAll", "s", [iface], path=handle.path, interface=PROPERTIES_IFACE)
+            except SystemdError as exc:
+                if exc.name in _GONE_ERRORS or "UnknownInterface" in exc.name:
+                    return False
+                raise
+            props.update({key: variant.value for key, variant in values.items()})
+        if props.get("LoadState") == "not-found":
+            return False
+        self._update(handle, props)
+        return True
+
+    # -- operations ---------------------------------------------------------
+
+    async def start(self, spec: LaunchSpec) -> Handle:
+        unit = unit_name(spec.model)
+        exec_path = shutil.which(spec.argv[0]) if spec.argv else None
+        if exec_path is None:
+            raise BackendError(
+                spec.model, "start", f"cannot run {spec.argv[0]!r}: command not found; check the model's command"
+            )
+        if unit in self.foreign_units or await self._unit_is_foreign(unit):
+            raise self._foreign_error(spec.model, unit)
+        handle = _new_handle(spec.model, unit, spec)
+        await self._track(handle)
+        try:
+            (job,) = await self._call(
+                "StartTransientUnit",
+                "ssa(sv)a(sa(sv))",
+                [unit, "fail", transient_unit_properties(spec, os.path.abspath(exec_path)), []],
+            )
+        except SystemdError as exc:
+            self._forget(handle)
+            if exc.name == "org.freedesktop.systemd1.UnitExists":
+                if await self._unit_is_foreign(unit):
+                    raise self._foreign_error(spec.model, unit) from None
+                raise BackendError(
+                    spec.model,
+                    "start",
+                    f"unit {unit} already exists (left by an earlier llmuxd?); restart llmuxd to "
+                    f"adopt it or run 'systemctl stop {unit}'",
+                ) from None
+            raise BackendError(spec.model, "start", f"systemd refused to create {unit}: {exc.message}") from None
+        result = await self._wait_job(job, self._job_timeout)
+        await self._refresh(handle)
+        if result != "done":
+            self._forget(handle)
+            handle.stopping = True  # reported here, not as an unexpected exit
+            handle.mark_exited(_exit_status(handle.props))
+            # Type=exec: exec failed (203/EXEC, 217/USER, ...), or the process
+            # ended before systemd saw the exec succeed
+            raise BackendError(
+                spec.model,
+                "start",
+                f"{unit} did not start: {handle.exit_status} (start job {result}); "
+                f"see 'journalctl -u {unit}'",
+            )
+        if handle.state is RunState.STARTING and not handle.exited.is_set():
+            handle.state = RunState.RUNNING
+        log.info("model %s: started unit %s (main pid %s)", spec.model, unit, handle.main_pid)
+        return handle
+
+    async def _unit_is_foreign(self, unit: str) -> bool:
+        """True when a loaded unit has our name but not our marker."""
+        try:
+            (path,) = await self._call("GetUnit", "s", [unit])
+            (env,) = await self._call("Get", "ss", [SERVICE_IFACE, "Environment"], path=path, interface=PROPERTIES_IFACE)
+        except SystemdError:
+            return False
+        model = model_from_unit(unit) or ""
+        return marker_env(model) not in env.value
+
+    @staticmethod
+    def _foreign_error(model: str, unit: str) -> ForeignUnit:
+        return ForeignUnit(
+            model,
+            "start",
+            f"unit {unit} exists and was not created by llmux; llmux will not touch it — "
+            f"stop or rename that unit, or rename the model",
+        )
+
+    async def stop(self, handle: Handle, timeout: float | None = None) -> ExitStatus | None:
+        assert isinstance(handle, _UnitHandle)
+        if handle.exited.is_set():
+            return handle.exit_status
+        handle.stopping = True
+        # the unit's TimeoutStopUSec does SIGTERM -> grace -> SIGKILL; a shorter
+        # `timeout` (systemd 252 cannot change TimeoutStopUSec of a running
+        # service) is enforced here with KillUnit(all, SIGKILL)
+        unit_grace = handle.spec.stop_timeout if handle.spec else DEFAULT_STOP_TIMEOUT
+        grace = unit_grace if timeout is None else min(timeout, unit_grace)
+        try:
+            if handle.state is RunState.FROZEN:
+                # SIGTERM stays pending in a frozen cgroup until the SIGKILL timeout
+                await self._call("ThawUnit", "s", [handle.unit])
+            (job,) = await self._call("StopUnit", "ss", [handle.unit, "replace"])
+        except SystemdError as exc:
+            if exc.name in _GONE_ERRORS:
+                self._unit_gone(handle)
+                return handle.exit_status
+            raise BackendError(handle.model, "stop", f"systemd refused to stop {handle.unit}: {exc.message}") from None
+        try:
+            await asyncio.wait_for(asyncio.shield(self._wait_job(job, unit_grace + JOB_SLACK)), grace + 1.0)
+        except asyncio.TimeoutError:
+            log.warning("model %s: unit %s still running %.0fs after SIGTERM, sending SIGKILL", handle.model, handle.unit, grace)
+            try:
+                await self._call("KillUnit", "ssi", [handle.unit, "all", signal.SIGKILL])
+            except SystemdError:
+                pass  # gone meanwhile
+            await self._wait_job(job, JOB_SLACK)
+        try:
+            await asyncio.wait_for(handle.exited.wait(), 5.0)
+        except asyncio.TimeoutError:
+            if not await self._refresh(handle) or not handle.exited.is_set():
+                self._finish(handle, _exit_status(handle.props))
+        self._forget(handle)
+        log.info("model %s: stopped unit %s (%s)", handle.model, handle.unit, handle.exit_status)
+        return handle.exit_status
+
+    async def freeze(self, handle: Handle) -> None:
+        await self._freezer(handle, "FreezeUnit", RunState.FROZEN)
+
+    async def thaw(self, handle: Handle) -> None:
+        await self._freezer(handle, "ThawUnit", RunState.RUNNING)
+
+    async def _freezer(self, handle: Handle, method: str, new_state: RunState) -> None:
+        assert isinstance(handle, _UnitHandle)
+        action = "freeze" if method == "FreezeUnit" else "thaw"
+        if handle.exited.is_set():
+            raise BackendError(handle.model, action, f"unit {handle.unit} is not running ({handle.exit_status})")
+        try:
+            await self._call(method, "s", [handle.unit])
+        except SystemdError as exc:
+            if exc.name == "org.freedesktop.DBus.Error.NotSupported" or "freez" in exc.message.lower():
+                raise NotSupported(
+                    f"model '{handle.model}': unit {handle.unit} cannot {action} ({exc.message}); "
+                    "freeze needs the cgroup-v2 freezer (unified cgroup hierarchy) — choose an "
+                    "eviction without 'freeze'"
+                ) from None
+            raise BackendError(handle.model, action, f"systemd {method} failed: {exc.message}") from None
+        handle.state = new_state
+
+    async def pids(self, handle: Handle) -> list[int]:
+        assert isinstance(handle, _UnitHandle)
+        if handle.exited.is_set():
+            return []
+        try:
+            (processes,) = await self._call("GetUnitProcesses", "s", [handle.unit])
+        except SystemdError:
+            return []
+        pids = [pid for _cgroup, pid, _cmdline in processes]
+        if handle.main_pid in pids:
+            pids.remove(handle.main_pid)
+            pids.insert(0, handle.main_pid)
+        return pids
+
+    async def adopt(self) -> list[Handle]:
+        (units,) = await self._call("ListUnitsByPatterns", "asas", [[], [UNIT_PATTERN]])
+        adopted: list[Handle] = []
+        for unit, _desc, _load, active, *_rest in units:
+            model = model_from_unit(unit)
+            if model is None or active not in ("active", "activating", "reloading"):
+                continue
+            if await self._unit_is_foreign(unit):
+                log.warning("unit %s matches llmux's names but was not created by llmux; leaving it alone", unit)
+                self.foreign_units.add(unit)
+                continue
+            handle = _new_handle(model, unit, None, adopted=True)
+            await self._track(handle)
+            if not await self._refresh(handle):
+                self._forget(handle)
+                continue
+            adopted.append(handle)
+            log.info("model %s: adopted unit %s (%s, main pid %s)", model, unit, handle.state, handle.main_pid)
+        return adopted
