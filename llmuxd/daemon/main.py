@@ -1,0 +1,134 @@
+"""`llmuxd`: the daemon's command line.
+
+    llmuxd [--config FILE]                  system mode (systemd service; llmuxd/daemon/system.py)
+    llmuxd run --config FILE [--listen A]   embedded mode: subprocess backends, no root, no system bus
+    llmuxd check-config [FILE]              validate a config and print the effective result
+
+Subcommands are imported only when chosen, so `llmuxd --help` and
+`check-config` stay fast and work with parts of the daemon missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import logging
+import sys
+from typing import Any, Callable, List, Optional
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+def _add_log_level(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-level", default="info", choices=LOG_LEVELS, type=str.lower,
+                        help="log verbosity (default info)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llmuxd",
+        description="llmux daemon: several vLLM models behind one OpenAI-compatible endpoint.",
+    )
+    parser.add_argument("--config", default=None,
+                        help="config file for system mode (default /etc/llmux/llmux.yaml)")
+    _add_log_level(parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run",
+        help="embedded mode: backends as subprocesses, HTTP on the configured address",
+        description="Run llmux in the foreground as an ordinary user: backends are child "
+                    "processes, no systemd or system bus needed. SIGTERM/Ctrl-C stops it and them.",
+    )
+    run.add_argument("--config", "-c", required=True, help="config file (YAML, or llmux 0.7 JSON)")
+    run.add_argument("--listen", default=None,
+                     help="override `listen:` (host:port or unix:/path), e.g. 127.0.0.1:3000")
+    run.add_argument("--dropin-dir", default=None, help="models.d directory (default: beside the config)")
+    _add_log_level(run)
+
+    sub.add_parser("check-config", add_help=False,
+                   help="validate a config and print the effective result (see check-config --help)")
+
+    # -- slot: operator tools, to come (llmux 0.7's --validate/--checkpoint/--restore-detached)
+    # sub.add_parser("validate", ...); sub.add_parser("checkpoint", ...); sub.add_parser("restore", ...)
+    return parser
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper()), format=LOG_FORMAT, stream=sys.stderr)
+    if level != "debug":  # aiohttp's per-request noise is only worth seeing when debugging
+        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def _load(path: str, dropin_dir: Optional[str]) -> Any:
+    """The config, or None after printing each problem (FILE: key: what; fix)."""
+    from llmuxd.config import ConfigError, load_config
+
+    try:
+        return load_config(path, dropin_dir)
+    except ConfigError as exc:
+        for issue in getattr(exc, "issues", [exc]):
+            print(issue, file=sys.stderr)
+        return None
+    except OSError as exc:
+        print(f"{path}: cannot read the config: {exc.strerror}", file=sys.stderr)
+        return None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    setup_logging(args.log_level)
+    config = _load(args.config, args.dropin_dir)
+    if config is None:
+        return 1
+    from llmuxd.daemon.embedded import run_embedded
+
+    try:
+        return asyncio.run(run_embedded(config, listen=args.listen))
+    except KeyboardInterrupt:  # a second Ctrl-C while stopping
+        return 130
+
+
+def cmd_check_config(argv: List[str]) -> int:
+    from llmuxd.daemon.checkconfig import main as check_main
+
+    return check_main(argv)
+
+
+# -- slot: system mode --------------------------------------------------------
+# The default command (no subcommand) is the systemd service. It lives in
+# llmuxd/daemon/system.py (the service room), which provides either
+# `main(argv) -> int` or `async def run_system(args) -> int`; it is imported
+# only here, so the rest of llmuxd works before it exists.
+SYSTEM_MODULE = "llmuxd.daemon.system"
+
+
+def cmd_system(args: argparse.Namespace, argv: List[str]) -> int:
+    try:
+        system = importlib.import_module(SYSTEM_MODULE)
+    except ModuleNotFoundError as exc:
+        if exc.name != SYSTEM_MODULE:
+            raise
+        print("llmuxd: system mode not available in this build; "
+              "use `llmuxd run --config FILE` (embedded mode)", file=sys.stderr)
+        return 2
+    entry: Optional[Callable[..., Any]] = getattr(system, "main", None)
+    if entry is not None:
+        return int(entry(argv) or 0)
+    setup_logging(args.log_level)
+    return int(asyncio.run(system.run_system(args)) or 0)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "check-config":
+        return cmd_check_config(argv[1:])
+    args = build_parser().parse_args(argv)
+    if args.command == "run":
+        return cmd_run(args)
+    return cmd_system(args, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

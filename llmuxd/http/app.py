@@ -1,0 +1,225 @@
+"""The OpenAI-compatible front end: routes, the request's way, error mapping.
+
+A request's way (DESIGN.md §3): read the body within limits → find the model
+(X-LLMux-Model header, else the JSON "model") → 404 for a model not in the
+config → `switcher.acquire(model, request_timeout)` (this is where a request
+waits for a switch) → forward to the lease's endpoint and stream back →
+release the lease when the last byte is written or the client is gone.
+
+Every failure becomes an OpenAI envelope in `_fail`, the one place where
+llmux errors meet HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Callable
+
+from aiohttp import web
+from aiohttp.web_urldispatcher import _default_expect_handler  # stable in 3.8 .. 3.1x
+
+from llmuxd.errors import LLMuxError, UnknownModel
+from llmuxd.http.body import MODEL_HEADER, check_declared_length, model_from, read_body
+from llmuxd.http.errors import RouteNotFound, error_response
+from llmuxd.http.proxy import Upstream
+from llmuxd.metrics import NO_MODEL, Metrics
+
+log = logging.getLogger(__name__)
+
+#: vLLM inference routes outside /v1 that name a model in their body;
+#: vLLM's control routes (/sleep, /wake_up, ...) are deliberately absent (I6)
+EXTRA_MODEL_ROUTES = (
+    "/tokenize", "/detokenize", "/pooling", "/classify", "/score", "/rerank",
+    "/v2/embed", "/v2/rerank",
+)
+
+#: status recorded for requests whose client went away before the answer
+CLIENT_CLOSED = 499
+
+#: the daemon's own routes, for the not-found message
+SERVED = "POST /v1/... (with a model), GET /v1/models, GET /health, GET /metrics"
+
+
+class FrontEnd:
+    """Builds the aiohttp application around a switcher."""
+
+    def __init__(
+        self,
+        config: Any,
+        switcher: Any,
+        metrics: Metrics | None = None,
+        *,
+        upstream: Upstream | None = None,
+        body_timeout: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+        version: str = "",
+    ):
+        self.switcher = switcher
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.reload(config)
+        self.upstream = upstream or Upstream(
+            read_timeout=self.request_timeout, write_timeout=self.request_timeout
+        )
+        self.body_timeout = body_timeout
+        self.clock = clock
+        self.version = version
+        self.created = int(time.time())
+
+    def reload(self, config: Any) -> None:
+        """Take a new config (models, limits, timeouts) for the next requests;
+        requests already running keep what they started with."""
+        self.config = config
+        self.request_timeout = float(config.policy.request_timeout)
+        self.max_body = int(config.max_body_bytes)
+
+    def make_app(self) -> web.Application:
+        # client_max_size is a backstop: bodies are read by read_body, never by request.read()
+        app = web.Application(client_max_size=self.max_body)
+        app.router.add_get("/v1/models", self.list_models)
+        app.router.add_get("/v1/models/{model:.+}", self.get_model)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/metrics", self.metrics_page)
+        app.router.add_post("/v1/{tail:.+}", self.infer, expect_handler=self.expect)
+        for path in EXTRA_MODEL_ROUTES:
+            app.router.add_post(path, self.infer, expect_handler=self.expect)
+        app.router.add_route("*", "/{tail:.*}", self.not_found)
+        app.on_startup.append(self._on_startup)
+        app.on_cleanup.append(self._on_cleanup)
+        return app
+
+    async def _on_startup(self, app: web.Application) -> None:
+        await self.upstream.start()
+
+    async def _on_cleanup(self, app: web.Application) -> None:
+        await self.upstream.close()
+
+    @property
+    def model_names(self) -> list[str]:
+        return list(self.config.models)
+
+    # -- inference ------------------------------------------------------------
+
+    async def expect(self, request: web.Request) -> web.StreamResponse | None:
+        """Refuse an oversized body before the client sends it (curl sends
+        `Expect: 100-continue` for large bodies)."""
+        try:
+            check_declared_length(request, self.max_body)
+        except LLMuxError as exc:
+            return error_response(exc)
+        return await _default_expect_handler(request)
+
+    async def infer(self, request: web.Request) -> web.StreamResponse:
+        started = self.clock()
+        model = NO_MODEL
+        status = 500
+        try:
+            body = await read_body(request, self.max_body, self.body_timeout)
+            name = model_from(body, request.headers.get(MODEL_HEADER))
+            if name not in self.config.models:
+                raise UnknownModel(name, self.model_names)
+            model = name
+            waited_from = self.clock()
+            lease = await self.switcher.acquire(model, timeout=self.request_timeout)
+            try:
+                self.metrics.observe_queue_wait(model, self.clock() - waited_from)
+                response = await self.upstream.forward(request, model, lease.endpoint, body)
+            finally:
+                lease.release()
+            status = response.status
+            return response
+        except LLMuxError as exc:
+            response = self._fail(exc, model)
+            status = response.status
+            return response
+        except asyncio.CancelledError:
+            status = CLIENT_CLOSED
+            raise
+        except Exception:  # noqa: BLE001 - a bug must still answer in the envelope
+            log.exception("unexpected error serving %s %s", request.method, request.path)
+            response = self._fail(LLMuxError("internal error in llmux; see the daemon log"), model)
+            status = response.status
+            return response
+        finally:
+            self.metrics.observe_request(model, status, self.clock() - started)
+
+    def _fail(self, exc: LLMuxError, model: str) -> web.Response:
+        """The one mapping from llmux errors to responses."""
+        retry_after = None
+        if exc.retry_after is None and model != NO_MODEL and exc.http_status in (429, 503, 504):
+            try:
+                retry_after = float(self.switcher.wait_estimate(model))
+            except Exception:  # noqa: BLE001 - an estimate is optional
+                retry_after = None
+        if exc.http_status >= 500:
+            log.warning("%s -> %d: %s", model or "-", exc.http_status, exc)
+        return error_response(exc, retry_after=retry_after)
+
+    # -- model list, health, metrics -----------------------------------------
+
+    def _status(self) -> Any:
+        try:
+            return self.switcher.status()
+        except Exception:  # noqa: BLE001 - listing models must not fail on it
+            log.exception("switcher.status() failed")
+            return None
+
+    def _model_entry(self, name: str, status: Any) -> dict:
+        cfg = self.config.models[name]
+        ms = (getattr(status, "models", None) or {}).get(name) if status is not None else None
+        state = getattr(ms, "state", None)
+        eviction = getattr(ms, "eviction", None) or getattr(cfg, "eviction", None)
+        llmux: dict[str, Any] = {
+            "state": getattr(state, "value", state) if state is not None else "unknown",
+            "eviction": str(eviction) if eviction is not None else None,
+        }
+        for field in ("group", "in_flight", "queue_depth", "last_error"):
+            if ms is not None and hasattr(ms, field):
+                llmux[field] = getattr(ms, field)
+        return {
+            "id": name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "llmux",
+            "root": getattr(cfg, "model_path", None),
+            "parent": None,
+            "llmux": llmux,
+        }
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        status = self._status()
+        data = [self._model_entry(name, status) for name in self.model_names]
+        return web.json_response({"object": "list", "data": data})
+
+    async def get_model(self, request: web.Request) -> web.Response:
+        name = request.match_info["model"]
+        if name not in self.config.models:
+            return error_response(UnknownModel(name, self.model_names))
+        return web.json_response(self._model_entry(name, self._status()))
+
+    async def health(self, request: web.Request) -> web.Response:
+        status = self._status()
+        body: dict[str, Any] = {"status": "ok", "version": self.version}
+        if status is not None:
+            body.update(
+                state=getattr(status, "state", None),
+                mode=getattr(status, "mode", None),
+                pinned=getattr(status, "pinned", None),
+                active_models=list(getattr(status, "active_models", ()) or ()),
+            )
+        return web.json_response(body)
+
+    async def metrics_page(self, request: web.Request) -> web.Response:
+        status = self._status()
+        if status is not None:
+            self.metrics.refresh(status, self.model_names)
+        payload, content_type = self.metrics.render()
+        response = web.Response(body=payload)
+        response.headers["Content-Type"] = content_type
+        return response
+
+    async def not_found(self, request: web.Request) -> web.Response:
+        return error_response(
+            RouteNotFound(f"no route {request.method} {request.path}; llmux serves {SERVED}")
+        )

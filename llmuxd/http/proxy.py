@@ -1,0 +1,195 @@
+"""Forwarding one request to a model's backend and streaming the answer back.
+
+One pooled aiohttp ClientSession serves every backend (connections are kept
+alive per backend port). The response is relayed chunk by chunk as it
+arrives, so SSE token streams pass through without buffering, and bytes are
+relayed untouched (no decompression, no re-encoding).
+
+Failure rules (what the client sees):
+- the backend cannot be reached, or fails before its first body byte: a clean
+  502 in OpenAI's envelope;
+- the backend dies in the middle of an SSE stream: an SSE `data:` error event,
+  then the end of the stream;
+- it dies in the middle of any other body: the client connection is aborted,
+  so the client sees a truncated response, never a silently short one;
+- the client goes away or stops reading for `write_timeout`: the upstream
+  request is closed too, so the backend stops generating.
+The caller releases the lease in every case (it holds it around `forward`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from llmuxd.http.errors import UpstreamFailed, sse_error_event
+
+log = logging.getLogger(__name__)
+
+#: headers that describe one connection, not the message (RFC 9110 §7.6.1),
+#: plus the ones aiohttp recomputes for the new message
+HOP_BY_HOP = frozenset(
+    h.lower()
+    for h in (
+        "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE",
+        "Trailer", "Trailers", "Transfer-Encoding", "Upgrade", "Host", "Content-Length",
+        "Expect",
+    )
+)
+
+#: response header naming the model that answered (debugging aid)
+ANSWERED_BY_HEADER = "X-LLMux-Model"
+
+
+class Upstream:
+    """The pooled client to backends and the streaming relay."""
+
+    def __init__(
+        self,
+        *,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 300.0,
+        write_timeout: float = 300.0,
+    ):
+        self.connect_timeout = connect_timeout
+        #: longest silence from a backend between two body chunks
+        self.read_timeout = read_timeout
+        #: longest a client may leave one chunk unread before it is dropped
+        self.write_timeout = write_timeout
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30.0)
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                auto_decompress=False,
+                cookie_jar=aiohttp.DummyCookieJar(),
+                timeout=aiohttp.ClientTimeout(
+                    total=None, sock_connect=self.connect_timeout, sock_read=self.read_timeout
+                ),
+                skip_auto_headers=("Accept-Encoding", "User-Agent"),
+            )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("Upstream.start() was not called")
+        return self._session
+
+    async def forward(
+        self, request: web.BaseRequest, model: str, endpoint: str, body: bytes
+    ) -> web.StreamResponse:
+        """Send `request` (with the already-read `body`) to `endpoint` and
+        relay the answer. Raises UpstreamFailed only before anything was
+        sent to the client."""
+        headers = CIMultiDict(
+            (k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP
+        )
+        url = endpoint.rstrip("/") + request.raw_path
+        try:
+            upstream = await self.session.request(
+                request.method, url, data=body, headers=headers, allow_redirects=False
+            )
+        except asyncio.TimeoutError:
+            raise UpstreamFailed(model, f"no response within {self.read_timeout:.0f}s") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise UpstreamFailed(model, _reason(exc)) from None
+        try:
+            return await self._relay(request, model, upstream)
+        finally:
+            # closing (not releasing) an unfinished response drops the upstream
+            # connection, which is how vLLM learns to abort the generation
+            if not upstream.content.is_eof():
+                upstream.close()
+            else:
+                upstream.release()
+
+    async def _relay(
+        self, request: web.BaseRequest, model: str, upstream: aiohttp.ClientResponse
+    ) -> web.StreamResponse:
+        # Read the first chunk before sending our status line: a backend that
+        # fails before its first byte still gets the client a clean 502.
+        try:
+            first = await upstream.content.readany()
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            raise UpstreamFailed(model, _reason(exc), upstream.status) from None
+
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        for key, value in upstream.headers.items():
+            if key.lower() not in HOP_BY_HOP:
+                response.headers.add(key, value)
+        response.headers[ANSWERED_BY_HEADER] = model
+        if upstream.content_length is not None and first is not None:
+            response.content_length = upstream.content_length
+        is_sse = upstream.content_type == "text/event-stream"
+
+        chunk = first
+        try:
+            await response.prepare(request)
+            while chunk:
+                async with asyncio.timeout(self.write_timeout):
+                    await response.write(chunk)
+                try:
+                    chunk = await upstream.content.readany()
+                except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                    return await self._broken_stream(request, response, model, upstream, exc, is_sse)
+            await response.write_eof()
+        except (ConnectionError, asyncio.TimeoutError, RuntimeError) as exc:
+            # the client went away, or stopped reading for write_timeout
+            # (RuntimeError: aiohttp 3.8's "Cannot write to closing transport")
+            log.debug("client of %s gone mid-response: %s", model, _reason(exc))
+            _abort(request)
+        return response
+
+    async def _broken_stream(
+        self,
+        request: web.BaseRequest,
+        response: web.StreamResponse,
+        model: str,
+        upstream: aiohttp.ClientResponse,
+        exc: BaseException,
+        is_sse: bool,
+    ) -> web.StreamResponse:
+        failure = UpstreamFailed(model, _reason(exc), upstream.status)
+        log.warning("%s", failure)
+        if is_sse:
+            try:
+                async with asyncio.timeout(self.write_timeout):
+                    await response.write(sse_error_event(failure))
+                    await response.write_eof()
+                return response
+            except (ConnectionError, asyncio.TimeoutError, RuntimeError):
+                pass
+        _abort(request)
+        return response
+
+
+def _abort(request: web.BaseRequest) -> None:
+    """Drop the client connection without finishing the message."""
+    transport = request.transport
+    if transport is not None:
+        transport.abort() if hasattr(transport, "abort") else transport.close()
+
+
+def _reason(exc: BaseException) -> str:
+    """A short, single-line reason for a network failure."""
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"cannot connect to {exc.host}:{exc.port} ({exc.os_error.strerror or exc.os_error})"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "backend closed the connection"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return "backend closed the connection mid-response"
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text[:200]

@@ -1,0 +1,59 @@
+"""`llmuxd`'s command line: what a person typing it sees."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from llmuxd.daemon import main as cli
+
+DEMO = "etc/llmux/examples/demo.yaml"
+
+
+def test_check_config_is_dispatched_with_its_own_arguments(capsys):
+    assert cli.main(["check-config", DEMO]) == 0
+    out = capsys.readouterr().out
+    for model in ("chat-small", "chat-large", "embed-mini"):
+        assert f"  {model}:" in out
+
+
+def test_check_config_reports_a_broken_file(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models:\n  a:\n    model_path: /m\n    eviction: sometimes\n")
+    assert cli.main(["check-config", str(bad)]) == 1
+    assert f"{bad}: models.a.eviction" in capsys.readouterr().err
+
+
+def test_run_with_a_broken_config_exits_1_naming_the_problem(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("listen: nowhere\nmodels: {}\n")
+    assert cli.main(["run", "--config", str(bad)]) == 1
+    assert "listen" in capsys.readouterr().err
+
+
+def test_run_requires_a_config(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["run"])
+    assert exc.value.code == 2
+    assert "--config" in capsys.readouterr().err
+
+
+def test_system_mode_slot(monkeypatch, capsys):
+    """Without llmuxd/daemon/system.py the default command says so; with it, it is called."""
+    monkeypatch.setitem(sys.modules, cli.SYSTEM_MODULE, None)  # import fails like a missing module
+    assert cli.main([]) == 2
+    assert "system mode not available" in capsys.readouterr().err
+    monkeypatch.delitem(sys.modules, cli.SYSTEM_MODULE)
+
+    calls = []
+
+    class FakeSystem:
+        @staticmethod
+        def main(argv):
+            calls.append(argv)
+            return 0
+
+    monkeypatch.setitem(sys.modules, cli.SYSTEM_MODULE, FakeSystem)
+    assert cli.main(["--config", "/etc/llmux/llmux.yaml"]) == 0
+    assert calls == [["--config", "/etc/llmux/llmux.yaml"]]
