@@ -20,7 +20,6 @@ from llmuxd.lifecycle import BackendState
 from llmuxd.orchestrator import ModelPhase, Orchestrator, backend_argv
 from llmuxd.runtime.subprocess import SubprocessRuntime
 from llmuxd.runtime.systemd import SystemdRuntime
-from sysd.fixtures import real_systemd  # noqa: F401  (fixture)
 from sysd.helpers import PYTHON, ahttp, completion, free_port, wait_until
 
 SIM_COMMAND = [PYTHON, "-m", "llmuxd.sim.server", "serve"]

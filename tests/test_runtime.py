@@ -20,7 +20,6 @@ from llmuxd.errors import BackendError
 from llmuxd.runtime.base import ExitStatus, ForeignUnit, LaunchSpec, RunState, RuntimeUnavailable, check_port_free
 from llmuxd.runtime.subprocess import SubprocessRuntime
 from llmuxd.runtime.systemd import SystemdRuntime
-from sysd.fixtures import real_systemd  # noqa: F401  (fixture)
 from sysd.helpers import PYTHON, ahttp, free_port, wait_http, wait_until
 
 BURN = "import sys; sys.stdout.write('burning\\n'); sys.stdout.flush()\nwhile True: pass"
