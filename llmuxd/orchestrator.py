@@ -233,7 +233,10 @@ class Orchestrator:
         #: lifecycle hooks (llmuxd.checkpoint.manager.CheckpointManager): backend_env,
         #: before_sleep (may return a safer eviction), after_sleep, after_wake
         self.hooks: list[Any] = []
-        self._warmup = getattr(config, "warmup", False) if warmup is None else warmup
+        # A 1-token warm-up after each cold start, only when a caller asks for it.
+        # `config.warmup` is not read here: it means llmux 0.7's one startup
+        # warm-up of every model, which DaemonCore.warmup does.
+        self._warmup = bool(warmup)
         self._stop_timeout = stop_timeout
         self._ready_timeout = ready_timeout
         policy = getattr(config, "policy", None)

@@ -10,6 +10,8 @@ the model name, where systemd would have sent it to the journal.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import functools
 import logging
 import os
 import signal
@@ -29,6 +31,25 @@ backend_log = logging.getLogger("llmuxd.backend")
 
 #: seconds freeze() waits for every process of the group to show as stopped
 FREEZE_SETTLE_TIMEOUT = 10.0
+
+
+#: prctl(2) option: the signal this process gets when its parent dies (Linux)
+_PR_SET_PDEATHSIG = 1
+try:
+    _LIBC = ctypes.CDLL(None, use_errno=True)  # loaded here: the child must not import
+except OSError:  # pragma: no cover - not Linux
+    _LIBC = None
+
+
+def _die_with_parent(parent: int) -> None:
+    """preexec_fn of every backend: SIGKILL it when llmuxd dies, even by
+    SIGKILL, so that an embedded backend never outlives its daemon (embedded
+    mode adopts nothing after a restart; an orphan would keep the GPU and the
+    port). Runs in the child between fork and exec: libc calls only."""
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the daemon died before prctl took effect
+        os._exit(1)
 
 
 class _ProcessHandle(Handle):
@@ -101,6 +122,7 @@ class SubprocessRuntime:
                 env=env,
                 cwd=spec.working_directory,
                 start_new_session=True,  # own process group = the whole tree
+                preexec_fn=functools.partial(_die_with_parent, os.getpid()),
             )
         except OSError as exc:
             raise BackendError(
