@@ -8,18 +8,23 @@ with the systemd runtime and adds the bus, sd_notify and the watchdog.
 
 `run_embedded` is `llmuxd run`: backends are subprocesses of this process
 (SubprocessRuntime), HTTP binds the configured address, no root and no system
-bus. SIGTERM or SIGINT stop the front end, then every backend.
+bus. io.llmux.LLMux1 goes on the session bus when there is one (`--bus`), so
+`llmuxctl --user` and `busctl --user` work. SIGHUP or the bus's Reload()
+re-read the config file (a bad one changes nothing); SIGTERM or SIGINT stop
+the front end, then every backend.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 from typing import Any, Callable
 
 from llmuxd.http import FrontEnd, HttpServer
+from llmuxd.lifecycle import BackendState
 from llmuxd.metrics import Metrics
 
 log = logging.getLogger("llmuxd")
@@ -135,9 +140,32 @@ class DaemonCore:
                 log.info("warm-up: %s ready and asleep (%s)", name, self.switcher.eviction_for(name))
 
     async def reload(self, config: Any) -> None:
-        """Apply a new config: the switcher first (it validates and adds or
-        removes models), then the front end. The listen address is not
+        """Apply a new, already validated config: backends whose launch
+        settings changed are put away (they start again on their next
+        request), then the backends, the switcher (adds models, drains and
+        stops removed ones) and the front end (request_timeout,
+        max_body_bytes, /v1/models) take it. The listen address is not
         re-bound; changing it needs a restart."""
+        # one list of launch settings for both modes (system mode's reload uses it too)
+        from llmuxd.daemon.system import RESTART_EVICTION, launch_settings_changed
+
+        old = self.config
+        if getattr(old, "listen", None) != getattr(config, "listen", None):
+            log.warning("listen changed from %s to %s: this takes a restart of llmuxd", old.listen, config.listen)
+        backend_state = getattr(self.backends, "state", None)
+        for name, new_model in config.models.items():
+            keys = launch_settings_changed(old.models[name], new_model) if name in old.models else []
+            if not keys:
+                continue
+            log.info("model %s: %s changed; its backend restarts on its next request", name, ", ".join(keys))
+            if self.switcher.status().models[name].state != "asleep":
+                await self.switcher.sleep_model(name, RESTART_EVICTION)
+            elif backend_state is not None and backend_state(name) not in (BackendState.NOT_STARTED,
+                                                                           BackendState.STOPPED):
+                await self.backends.stop(name)
+        backends_reload = getattr(self.backends, "reload", None)
+        if backends_reload is not None:  # the orchestrator learns new models before the switcher asks
+            await backends_reload(config)
         await self.switcher.reload(config)
         self.config = config
         self.frontend.reload(config)
@@ -151,28 +179,139 @@ class DaemonCore:
         await self.switcher.close()
 
 
-class EmbeddedDaemon:
-    """`llmuxd run`: DaemonCore on subprocess backends."""
+#: `llmuxd run --bus`: where io.llmux.LLMux1 goes
+BUS_AUTO, BUS_SESSION, BUS_NONE = "auto", "session", "none"
+BUS_CHOICES = (BUS_AUTO, BUS_SESSION, BUS_NONE)
+#: seconds to reach the session bus before giving up on it
+BUS_CONNECT_TIMEOUT = 10.0
 
-    def __init__(self, config: Any, *, listen: str | None = None, sockets: list[socket.socket] | None = None):
+
+class BusUnavailable(RuntimeError):
+    """`--bus session` was asked for and the session bus cannot be used."""
+
+
+class EmbeddedDaemon:
+    """`llmuxd run`: DaemonCore on subprocess backends, optionally on the session bus.
+
+    `config_path` (with `dropin_dir`) is what reload() reads again; without
+    it, reload is refused. `bus` is one of BUS_CHOICES: "auto" exports on the
+    session bus when DBUS_SESSION_BUS_ADDRESS is set and reachable (and the
+    name is free) and carries on without it otherwise; "session" insists."""
+
+    def __init__(
+        self,
+        config: Any,
+        *,
+        listen: str | None = None,
+        sockets: list[socket.socket] | None = None,
+        config_path: str | None = None,
+        dropin_dir: str | None = None,
+        bus: str = BUS_NONE,
+    ):
         from llmuxd.orchestrator import Orchestrator
         from llmuxd.runtime.subprocess import SubprocessRuntime
 
+        if bus not in BUS_CHOICES:
+            raise ValueError(f"bus must be one of {', '.join(BUS_CHOICES)}, not {bus!r}")
         self.config = config
+        self.config_path = config_path
+        self.dropin_dir = dropin_dir
+        self.bus_mode = bus
+        self.bus: Any = None
+        self.service: Any = None
         self.runtime = SubprocessRuntime()
         self.orchestrator = Orchestrator(config, self.runtime)
         self.core = DaemonCore(config, self.orchestrator, listen=listen, sockets=sockets)
+        self._reload_lock = asyncio.Lock()
 
     async def start(self) -> None:
         await self.runtime.connect()
         try:
+            await self._export_bus()
             await self.core.start()
         except BaseException:
             await self.stop()
             raise
 
+    # -- the session bus ------------------------------------------------------
+
+    async def _export_bus(self) -> None:
+        """Own io.llmux.LLMux1 on the session bus, per `bus_mode`."""
+        if self.bus_mode == BUS_NONE:
+            return
+        insist = self.bus_mode == BUS_SESSION
+        if not os.environ.get("DBUS_SESSION_BUS_ADDRESS"):
+            self._no_bus(insist, "DBUS_SESSION_BUS_ADDRESS is not set")
+            return
+        from llmuxd.bus.auth import AllowAll
+        from llmuxd.bus.connection import open_bus
+        from llmuxd.bus.service import export_service
+
+        try:
+            self.bus = await asyncio.wait_for(open_bus(system=False), BUS_CONNECT_TIMEOUT)
+        except Exception as exc:  # noqa: BLE001 - unreachable, refused, bad address
+            self._no_bus(insist, f"cannot connect to it ({_one_line(exc)})")
+            return
+        # The session bus admits only the user who owns it (its policy), so
+        # every caller is this daemon's own user: no polkit, nothing to ask.
+        self.service = await export_service(self.bus, self.core.switcher, reload=self.reload,
+                                            version=self.core.version, authorizer=AllowAll(),
+                                            unit_names=False)
+        try:
+            await self.service.request_name()
+        except RuntimeError as exc:
+            await self._close_bus()
+            self._no_bus(insist, str(exc))
+            return
+        from llmuxd.names import BUS_NAME
+
+        log.info("on the session bus as %s (llmuxctl --user, busctl --user)", BUS_NAME)
+
+    @staticmethod
+    def _no_bus(insist: bool, why: str) -> None:
+        if insist:
+            raise BusUnavailable(f"--bus session: the session bus cannot be used: {why}; "
+                                 "run inside a desktop/login session or with dbus-run-session, "
+                                 "or pass --bus none")
+        log.info("not on D-Bus (no usable session bus: %s); llmuxctl --user will not reach this daemon", why)
+
+    async def _close_bus(self) -> None:
+        service, bus = self.service, self.bus
+        self.service = self.bus = None
+        if service is not None:
+            await service.close()
+        if bus is not None:
+            bus.disconnect()
+
+    # -- reload ---------------------------------------------------------------
+
+    async def reload(self) -> None:
+        """Read the config file again and apply it (SIGHUP, bus Reload()).
+        A config that does not validate raises ConfigError and changes nothing."""
+        from llmuxd.config import ConfigError, ConfigIssue, load_config
+
+        if self.config_path is None:
+            raise ConfigError(ConfigIssue("<embedded>", "", "this daemon was started without a config "
+                                          "file to read again; restart it to change the configuration"))
+        async with self._reload_lock:
+            try:
+                new = load_config(self.config_path, self.dropin_dir)  # validates; raises before any change
+            except ConfigError as exc:
+                log.error("reload refused, the running configuration stays:\n%s", exc)
+                raise
+            old = self.config
+            await self.core.reload(new)
+            self.config = new
+            added = [m for m in new.models if m not in old.models]
+            removed = [m for m in old.models if m not in new.models]
+            log.info("reloaded %s: %d models (added: %s; removed: %s)", self.config_path, len(new.models),
+                     ", ".join(added) or "none", ", ".join(removed) or "none")
+
+    # -- stop -----------------------------------------------------------------
+
     async def stop(self) -> None:
         try:
+            await self._close_bus()
             await self.core.stop()
         finally:
             await self.close_backends()
@@ -185,26 +324,68 @@ class EmbeddedDaemon:
             await self.runtime.close()
 
 
-async def run_embedded(config: Any, *, listen: str | None = None) -> int:
-    """Serve until SIGTERM or SIGINT; the exit status of `llmuxd run`."""
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+async def run_embedded(
+    config: Any,
+    *,
+    listen: str | None = None,
+    config_path: str | None = None,
+    dropin_dir: str | None = None,
+    bus: str = BUS_AUTO,
+) -> int:
+    """Serve until SIGTERM or SIGINT, reloading on SIGHUP; the exit status of `llmuxd run`."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    daemon = EmbeddedDaemon(config, listen=listen)
+    daemon = EmbeddedDaemon(config, listen=listen, config_path=config_path, dropin_dir=dropin_dir, bus=bus)
+    reloads: set[asyncio.Task] = set()
+    ready = False
+
+    def on_sighup() -> None:
+        if not ready:  # SIGHUP's default would kill us mid-start; the file is read at start anyway
+            log.info("SIGHUP during startup ignored: the config file was just read")
+            return
+        task = loop.create_task(_reload_logged(daemon))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
     try:
-        await daemon.start()
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - startup errors are for people
-        log.error("llmuxd could not start: %s", exc)
-        return 1
-    try:
-        await stop.wait()
-        log.info("stopping: closing the front end and stopping %d backends", len(config.models))
+        try:
+            await daemon.start()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - startup errors are for people
+            log.error("llmuxd could not start: %s", exc)
+            return 1
+        ready = True
+        try:
+            await stop.wait()
+            log.info("stopping: closing the front end and stopping %d backends", len(daemon.config.models))
+        finally:
+            for task in list(reloads):
+                task.cancel()
+            await asyncio.gather(*reloads, return_exceptions=True)
+            await daemon.stop()
     finally:
-        await daemon.stop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
     log.info("stopped")
     return 0
+
+
+async def _reload_logged(daemon: EmbeddedDaemon) -> None:
+    """SIGHUP: reload; a refused config was logged already, nothing else to do."""
+    from llmuxd.config import ConfigError
+
+    try:
+        await daemon.reload()
+    except ConfigError:
+        pass
+    except Exception:  # noqa: BLE001 - a failed reload must not end the daemon
+        log.exception("reload on SIGHUP failed")

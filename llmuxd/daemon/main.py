@@ -1,7 +1,9 @@
 """`llmuxd`: the daemon's command line.
 
     llmuxd [--config FILE]                  system mode (systemd service; llmuxd/daemon/system.py)
-    llmuxd run --config FILE [--listen A]   embedded mode: subprocess backends, no root, no system bus
+    llmuxd run --config FILE [--listen A] [--bus auto|session|none]
+                                            embedded mode: subprocess backends, no root, no system
+                                            bus; D-Bus on the session bus when there is one
     llmuxd check-config [FILE]              validate a config and print the effective result
 
 Subcommands are imported only when chosen, so `llmuxd --help` and
@@ -40,12 +42,17 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="embedded mode: backends as subprocesses, HTTP on the configured address",
         description="Run llmux in the foreground as an ordinary user: backends are child "
-                    "processes, no systemd or system bus needed. SIGTERM/Ctrl-C stops it and them.",
+                    "processes, no systemd or system bus needed. SIGHUP reloads the config file; "
+                    "SIGTERM/Ctrl-C stops it and them.",
     )
     run.add_argument("--config", "-c", required=True, help="config file (YAML, or llmux 0.7 JSON)")
     run.add_argument("--listen", default=None,
                      help="override `listen:` (host:port or unix:/path), e.g. 127.0.0.1:3000")
     run.add_argument("--dropin-dir", default=None, help="models.d directory (default: beside the config)")
+    run.add_argument("--bus", default="auto", choices=("auto", "session", "none"),
+                     help="where to offer io.llmux.LLMux1 (llmuxctl --user): session = the session bus, "
+                          "failing if there is none; none = no D-Bus; auto (default) = the session bus "
+                          "when DBUS_SESSION_BUS_ADDRESS is set and reachable, else none")
     _add_log_level(run)
 
     sub.add_parser("check-config", add_help=False,
@@ -85,7 +92,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from llmuxd.daemon.embedded import run_embedded
 
     try:
-        return asyncio.run(run_embedded(config, listen=args.listen))
+        return asyncio.run(run_embedded(config, listen=args.listen, config_path=args.config,
+                                        dropin_dir=args.dropin_dir, bus=args.bus))
     except KeyboardInterrupt:  # a second Ctrl-C while stopping
         return 130
 
