@@ -940,6 +940,11 @@ def _build(raw: Mapping[str, Any], source: str, *, legacy: bool, model_sources: 
 _MANAGED_FLAGS = {"--port": "port", "--host": "host", "--enable-sleep-mode": "sleep_mode", "--model": "model_path"}
 
 
+def _plain_absolute(path: str) -> bool:
+    """An absolute path that does not climb with '..' (checkpoint image paths)."""
+    return path.startswith("/") and ".." not in path.split("/")
+
+
 def _check_semantics(config: Config, issues: _Issues) -> None:
     """Rules that span keys: groups, budgets, checkpoint section, evictions."""
     groups = config.groups
@@ -970,8 +975,17 @@ def _check_semantics(config: Config, issues: _Issues) -> None:
                 issues.add(eviction_loc, f"'{model.eviction}'{used_by} needs a top-level 'checkpoint:' section; add 'checkpoint: {{}}' for the defaults or choose another process strategy")
             if model.checkpoint_path is not None:
                 issues.add(loc + ("checkpoint_path",), "needs a top-level 'checkpoint:' section; add 'checkpoint: {}' for the defaults or remove checkpoint_path")
+        if model.checkpoint_path is not None and not _plain_absolute(model.checkpoint_path):
+            # added by the stress room: refused here, not only when a restore tries it
+            issues.add(loc + ("checkpoint_path",), f"{model.checkpoint_path!r} must be an absolute path without '..'; give the image directory itself")
         if model.eviction.weights is not WeightStrategy.RETAIN and not model.sleep_mode:
-            issues.add(loc + ("sleep_mode",), f"is false but eviction '{model.eviction}' uses vLLM sleep; set sleep_mode: true or use a 'retain+...' eviction")
+            # allowed: vLLM's CPU build rejects --enable-sleep-mode, yet its dev-mode
+            # /sleep still pauses the scheduler; on a GPU the sleep fails and escalates
+            config.notes.append(
+                f"models.{name}: sleep_mode is false, so '{model.eviction}' only pauses vLLM's "
+                "scheduler (CPU builds) and frees no memory; on a GPU the sleep fails and llmux "
+                "stops the model instead"
+            )
         for flag, key in _MANAGED_FLAGS.items():
             if any(arg == flag or arg.startswith(flag + "=") for arg in model.extra_args):
                 issues.add(loc + ("extra_args",), f"'{flag}' is set by llmux; remove it and use the model's '{key}' key")

@@ -422,8 +422,6 @@ BAD_YAML = [
      "models.m.gpu_memory_gib: required in group 'big', which has budget_gib 80; give the GiB the model needs awake"),
     ("budget-negative", "groups: {big: {budget_gib: -1}}\n",
      "groups.big.budget_gib: must be more than 0, got -1"),
-    ("sleep-mode-off", _M + "    sleep_mode: false\n",
-     "models.m.sleep_mode: is false but eviction 'offload+keep_running' uses vLLM sleep; set sleep_mode: true or use a 'retain+...' eviction"),
     ("managed-flag", _M + "    extra_args: [--port, '9000']\n",
      "models.m.extra_args: '--port' is set by llmux; remove it and use the model's 'port' key"),
     ("managed-flag-equals", _M + "    extra_args: [--enable-sleep-mode=true]\n",
@@ -605,3 +603,13 @@ def test_to_dict_keeps_user_keys_that_look_internal():
     config = Config.from_dict({"models": {"m": {"model_path": "x", "env": {"name": "kept"}}}})
     assert config.to_dict()["models"]["m"]["env"] == {"name": "kept"}
     assert list(config.to_dict())[:3] == ["listen", "models", "policy"]
+
+
+def test_sleep_mode_off_with_a_sleeping_eviction_is_allowed_and_noted():
+    """vLLM's CPU build rejects --enable-sleep-mode but still pauses on /sleep."""
+    config = Config.from_dict({"models": {"m": {"model_path": "x", "sleep_mode": False}}})
+    assert config.models["m"].sleep_mode is False
+    assert config.notes == [
+        "models.m: sleep_mode is false, so 'offload+keep_running' only pauses vLLM's scheduler "
+        "(CPU builds) and frees no memory; on a GPU the sleep fails and llmux stops the model instead"
+    ]
