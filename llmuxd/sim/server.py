@@ -246,7 +246,7 @@ async def detokenize(request: web.Request) -> web.Response:
     tokens = body.get("tokens")
     if not isinstance(tokens, list):
         return _missing("tokens")
-    return web.json_response({"prompt": " ".join(f"t{t}" for t in tokens)})
+    return web.json_response({"prompt": _token_text(tokens)})
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -303,6 +303,45 @@ async def _json_body(request: web.Request) -> tuple[dict[str, Any], web.Response
             "'msg': 'Input should be a valid dictionary or object to extract fields from'}]"
         )
     return body, None
+
+
+async def _inference_request(request: web.Request
+                             ) -> tuple[SimCore, dict[str, Any], str, web.Response | None]:
+    """The core, JSON body and model name of an inference request, or vLLM's error answer.
+
+    Shared by completions, chat and embeddings so that all three reject a bad body or an unknown
+    model the same way (and in the same order) as vLLM does.
+    """
+    core = _core(request)
+    body, err = await _json_body(request)
+    if err is not None:
+        return core, body, "", err
+    model, err = _check_model(core, body)
+    return core, body, model, err
+
+
+def _token_text(ids: list[Any]) -> str:
+    """The text the simulator reads for a list of token ids (what /detokenize answers)."""
+    return " ".join(f"t{t}" for t in ids)
+
+
+def _texts(value: Any, *, batches_of_ids: bool = False) -> list[str] | None:
+    """A `prompt` or `input` as a list of texts, or None when it has none of vLLM's shapes.
+
+    A string, a list of strings, or a list of token ids (one text); embeddings also take a list
+    of token-id lists (`batches_of_ids`, one text each).
+    """
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not value:
+        return None
+    if all(isinstance(x, str) for x in value):
+        return list(value)
+    if all(isinstance(x, int) for x in value):
+        return [_token_text(value)]
+    if batches_of_ids and all(isinstance(x, list) for x in value):
+        return [_token_text(x) for x in value]
+    return None
 
 
 def _missing(field: str) -> web.Response:
@@ -405,23 +444,14 @@ def _unavailable(core: SimCore) -> web.Response | None:
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    core = _core(request)
-    body, err = await _json_body(request)
-    if err is not None:
-        return err
-    model, err = _check_model(core, body)
+    core, body, model, err = await _inference_request(request)
     if err is not None:
         return err
     prompt = body.get("prompt")
     if prompt is None:
         return _missing("prompt")
-    if isinstance(prompt, str):
-        prompts = [prompt]
-    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-        prompts = list(prompt)
-    elif isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
-        prompts = [" ".join(f"t{p}" for p in prompt)]
-    else:
+    prompts = _texts(prompt)
+    if prompts is None:
         return bad_request("prompt must be a string, a list of strings or a list of token ids",
                            "prompt")
     params, err = _common_params(body)
@@ -478,11 +508,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    core = _core(request)
-    body, err = await _json_body(request)
-    if err is not None:
-        return err
-    model, err = _check_model(core, body)
+    core, body, model, err = await _inference_request(request)
     if err is not None:
         return err
     if "messages" not in body:
@@ -571,25 +597,14 @@ async def _stream(request: web.Request, core: SimCore,
 
 
 async def embeddings(request: web.Request) -> web.Response:
-    core = _core(request)
-    body, err = await _json_body(request)
-    if err is not None:
-        return err
-    model, err = _check_model(core, body)
+    core, body, model, err = await _inference_request(request)
     if err is not None:
         return err
     inp = body.get("input")
     if inp is None:
         return _missing("input")
-    if isinstance(inp, str):
-        texts = [inp]
-    elif isinstance(inp, list) and inp and all(isinstance(x, str) for x in inp):
-        texts = list(inp)
-    elif isinstance(inp, list) and inp and all(isinstance(x, int) for x in inp):
-        texts = [" ".join(f"t{x}" for x in inp)]
-    elif isinstance(inp, list) and inp and all(isinstance(x, list) for x in inp):
-        texts = [" ".join(f"t{t}" for t in x) for x in inp]
-    else:
+    texts = _texts(inp, batches_of_ids=True)
+    if texts is None:
         return bad_request("input must be a string, a list of strings or token ids", "input")
     # pass through the scheduler, so an embedding request is held while asleep
     err = _unavailable(core)
@@ -859,7 +874,9 @@ async def serve(settings: SimSettings) -> int:
     core.worker_pids = [w.pid for w in workers]
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
+    # backlog 2048: uvicorn's default, so a burst of connections queues as it does before vLLM
+    # (aiohttp's 128 overflows and resets connections; added by the stress room)
+    site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True, backlog=2048)
     try:
         await site.start()
     except OSError as exc:

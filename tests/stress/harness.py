@@ -1,0 +1,802 @@
+"""The stress harness: a real `llmuxd run` on simulator backends, a load
+generator, and an invariant watcher that runs for the whole scenario.
+
+Why a separate harness (and not test_e2e's): the stress suite's pass rule is
+stronger than "all 200". Every request is followed to its end and judged:
+
+- *lost*: no answer before `request_timeout` plus a grace (I3: never a hang);
+- *misrouted*: a 200 whose simulator stamp (`X-Sim-Model` header, the body's
+  `model`, every SSE chunk's `model`) is not the model asked for;
+- *cut*: a 200 that a sleep aborted (`finish_reason: abort`), a stream without
+  `[DONE]`, or output that is garbage (an L2 wake without `reload_weights`);
+- *unexpected*: a status the scenario does not allow, or an error that is not
+  in OpenAI's envelope.
+
+The watcher polls, while the load runs, the GPU ledger (capacity never
+exceeded, never more awake models than the group admits: I1), the daemon's
+`/v1/models` (never two models awake in one group), and each simulator's
+`/metrics` (a request waiting inside a sleeping engine was forwarded to a
+model that is not ready: I2). After the load, leases must come back
+(`in_flight` and `queue_depth` zero: I4) and `/metrics` must have counted
+every request once (nothing lost inside the daemon).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import aiohttp
+import yaml
+
+from llmuxd.sim.ledger import GpuLedger
+
+BIN = Path(sys.executable).parent
+#: the source tree under test: the daemon and its backends import llmuxd from here
+REPO = Path(__file__).resolve().parents[2]
+SIM = str(BIN / "llmux-vllm-sim")
+#: seconds for the daemon to answer /health (the machine is shared: generous)
+START_TIMEOUT = 90.0
+#: the daemon's policy.request_timeout in stress configs
+REQUEST_TIMEOUT = 60.0
+#: what a client waits beyond request_timeout before calling a request lost
+LOST_GRACE = 45.0
+#: seconds for leases and queues to come back to zero after a scenario
+SETTLE_TIMEOUT = 60.0
+#: what a sleeping simulator keeps on the "GPU" (LLMUX_SIM_GPU_RESIDUE_MB)
+RESIDUE_MB = 500
+GARBAGE_MARK = "\ufffdgarbage"
+#: statuses llmux may answer with in OpenAI's envelope (DESIGN.md I3)
+ERROR_STATUSES = {400, 404, 408, 413, 429, 502, 503, 504}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass
+class SimModel:
+    """One simulated backend, scaled down for CI (sub-second sleep and wake)."""
+
+    name: str
+    eviction: str = "offload+keep_running"
+    gpu_mb: int = 20000
+    load_time: float = 0.3
+    sleep_time: float = 0.1  # per sleep level
+    wake_time: float = 0.2  # per sleep level: an L2 wake takes twice as long
+    tokens_per_s: float = 100.0
+    startup_timeout: float = 60.0
+    command: list[str] | None = None  # default: the simulator
+    env: dict[str, str] = field(default_factory=dict)
+    port: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)  # more model keys (gpu_memory_gib, ...)
+
+    def to_config(self, ledger: Path, cache: str) -> dict[str, Any]:
+        self.port = self.port or free_port()
+        return {
+            "model_path": f"org/{self.name}-sim",
+            "command": self.command or [SIM, "serve"],
+            "port": self.port,
+            "eviction": self.eviction,
+            "startup_timeout": self.startup_timeout,
+            "env": {
+                "LLMUX_SIM_LOAD_TIME": str(self.load_time),
+                "LLMUX_SIM_SLEEP_TIME": str(self.sleep_time),
+                "LLMUX_SIM_WAKE_TIME": str(self.wake_time),
+                "LLMUX_SIM_TOKENS_PER_S": str(self.tokens_per_s),
+                "LLMUX_SIM_GPU_LEDGER": str(ledger),
+                "LLMUX_SIM_GPU_MB": str(self.gpu_mb),
+                "LLMUX_SIM_GPU_RESIDUE_MB": str(RESIDUE_MB),
+                "LLMUX_SIM_WEIGHTS_MB": "4",
+                "LLMUX_SIM_CACHE": cache,
+                "PYTHONUNBUFFERED": "1",
+                **self.env,
+            },
+            **self.extra,
+        }
+
+
+def write_config(
+    tmp: Path,
+    models: Iterable[SimModel],
+    *,
+    capacity_mb: int = 81920,
+    policy: dict[str, Any] | None = None,
+    **top: Any,
+) -> Path:
+    """A YAML config for `models`, with a fresh GPU ledger of `capacity_mb`
+    (big enough for every model awake at once, so only the switcher's
+    discipline keeps one awake; the watcher checks that discipline)."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    ledger = tmp / "gpu.json"
+    ledger.write_text(json.dumps({"capacity_mb": capacity_mb, "reservations": {}}))
+    cache = str(tmp / "sim-cache")
+    data = {
+        "listen": f"127.0.0.1:{free_port()}",
+        "max_body_bytes": 1024 * 1024,
+        "state_dir": str(tmp / "state"),
+        "policy": {
+            "type": "fifo",
+            "request_timeout": REQUEST_TIMEOUT,
+            "min_active": 0,
+            "drain_timeout": 30,
+            "queue_limit": 5000,
+            "failure_backoff": 0.2,
+            "sleep_timeout": 20,
+            "wake_timeout": 20,
+            **(policy or {}),
+        },
+        "models": {m.name: m.to_config(ledger, cache) for m in models},
+        **top,
+    }
+    path = tmp / "llmux.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+# --------------------------------------------------------------------------- daemon
+
+
+def http(url: str, data: bytes | None = None, timeout: float = 30.0,
+         headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    req = urllib.request.Request(url, data=data, headers=headers or {},
+                                 method="POST" if data is not None else "GET")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers), err.read()
+
+
+def daemon_env() -> dict[str, str]:
+    """Our environment, with this venv first on PATH and the source tree first
+    on PYTHONPATH (so a stray system-wide `llmuxd` cannot shadow it)."""
+    path = os.environ.get("PYTHONPATH", "")
+    return {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
+            "PYTHONPATH": f"{REPO}:{path}" if path else str(REPO)}
+
+
+class Daemon:
+    """`llmuxd run` as a real process; its log goes to a file."""
+
+    def __init__(self, config: Path, log: Path, *, log_level: str = "info"):
+        self.config_path = config
+        self.config = yaml.safe_load(config.read_text())
+        self.base = f"http://{self.config['listen']}"
+        self.ledger_path = Path(next(iter(self.config["models"].values()))["env"]["LLMUX_SIM_GPU_LEDGER"])
+        self.log_path = log
+        self.log_level = log_level
+        self.proc: subprocess.Popen | None = None
+        self._log_file = None
+
+    # -- process ---------------------------------------------------------------
+
+    def start(self) -> "Daemon":
+        self._log_file = open(self.log_path, "ab")
+        argv = [sys.executable, "-m", "llmuxd.daemon.main", "run", "--config", str(self.config_path),
+                "--log-level", self.log_level]
+        self.proc = subprocess.Popen(
+            argv, stdout=self._log_file, stderr=subprocess.STDOUT,
+            env=daemon_env(), cwd=str(REPO),
+        )
+        return self.wait_ready()
+
+    def wait_ready(self) -> "Daemon":
+        assert self.proc is not None
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"llmuxd exited {self.proc.returncode}:\n{self.log()[-4000:]}")
+            try:
+                if http(self.base + "/health", timeout=2)[0] == 200:
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"llmuxd not ready in {START_TIMEOUT}s:\n{self.log()[-4000:]}")
+
+    def stop(self) -> int | None:
+        """SIGTERM and wait (SIGKILL after a minute); the exit status."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL the daemon (not its backends: that is the point)."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def log(self) -> str:
+        if not self.log_path.is_file():  # e.g. /dev/full in the disk-full test
+            return ""
+        return self.log_path.read_text(errors="replace")
+
+    # -- reading its state (sync; async tests use the Watcher) --------------------
+
+    def models(self) -> dict[str, dict[str, Any]]:
+        status, _, body = http(self.base + "/v1/models")
+        assert status == 200, body
+        return {m["id"]: m["llmux"] for m in json.loads(body)["data"]}
+
+    def metrics(self) -> str:
+        return http(self.base + "/metrics")[2].decode()
+
+    def backend_url(self, model: str) -> str:
+        return f"http://127.0.0.1:{self.config['models'][model]['port']}"
+
+    def ledger(self) -> dict[str, Any]:
+        return GpuLedger(str(self.ledger_path)).snapshot()
+
+    def fault(self, model: str, kind: str, count: int | None = None, seconds: float | None = None) -> None:
+        """Arm a fault in `model`'s simulator (POST /sim/fault)."""
+        body: dict[str, Any] = {"kind": kind}
+        if count is not None:
+            body["count"] = count
+        if seconds is not None:
+            body["seconds"] = seconds
+        status, _, data = http(self.backend_url(model) + "/sim/fault", json.dumps(body).encode(),
+                               headers={"Content-Type": "application/json"})
+        assert status == 200, data
+
+    def wait_for(self, what: str, predicate, timeout: float = SETTLE_TIMEOUT) -> dict:
+        deadline = time.monotonic() + timeout
+        models: dict = {}
+        while time.monotonic() < deadline:
+            models = self.models()
+            if predicate(models):
+                return models
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {what}: {models}")
+
+
+def metric_sum(text: str, prefix: str) -> float:
+    """Sum of the samples whose line starts with `prefix` (name and labels)."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def requests_counted(text: str) -> float:
+    return metric_sum(text, "llmux_requests_total{")
+
+
+def backend_children(daemon_pid: int) -> list[int]:
+    """Live (non-zombie) processes whose parent is `daemon_pid`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == daemon_pid and fields[0] != "Z":
+            found.append(int(entry))
+    return found
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+# --------------------------------------------------------------------------- requests
+
+
+@dataclass
+class Req:
+    """One request to send."""
+
+    model: str
+    stream: bool = False
+    max_tokens: int = 4
+    prompt: str = "hi"
+    kind: str = "chat"  # chat | completion | embedding
+    abandon_after: float | None = None  # seconds of reading, then hang up
+    client: str = "aiohttp"  # aiohttp | openai
+
+
+@dataclass
+class Outcome:
+    req: Req
+    status: int | None = None  # None: no answer (lost) or abandoned before one
+    stamps: set[str] = field(default_factory=set)  # models named by the answer
+    finish_reason: str | None = None
+    done: bool = False  # a stream ended with [DONE]
+    stream_error: str | None = None
+    garbage: bool = False
+    error_body: Any = None
+    elapsed: float = 0.0
+    lost: bool = False
+    abandoned: bool = False
+
+    def problems(self, allowed: frozenset[int]) -> list[str]:
+        """What is wrong with this answer, by the suite's pass rule (empty: fine)."""
+        r = self.req
+        what = f"{r.kind}{' stream' if r.stream else ''} for {r.model}"
+        if self.lost:
+            return [f"lost: {what} had no answer after {self.elapsed:.1f}s"]
+        if self.abandoned:
+            if self.status is not None and self.status != 200 and self.status not in allowed:
+                return [f"unexpected: {what} answered {self.status} before it was abandoned"]
+            if self.stamps - {r.model}:
+                return [f"misrouted: {what} answered by {sorted(self.stamps)}"]
+            return []
+        out = []
+        if self.status not in allowed:
+            out.append(f"unexpected: {what} answered {self.status}: {str(self.error_body)[:200]}")
+        if self.status == 200:
+            if self.stamps != {r.model}:
+                out.append(f"misrouted: {what} answered by {sorted(self.stamps) or 'no stamp'}")
+            if self.garbage:
+                out.append(f"garbage: {what} gave garbage output (wake without reload_weights?)")
+            if r.kind != "embedding" and self.finish_reason not in ("length", "stop"):
+                out.append(f"cut: {what} finished with {self.finish_reason!r}")
+            if r.stream and not self.done:
+                out.append(f"cut: {what} ended without [DONE] ({self.stream_error})")
+            if self.stream_error:
+                out.append(f"cut: {what} carried an error event: {self.stream_error}")
+        elif self.status is not None and not _openai_error(self.error_body):
+            out.append(f"unexpected: {what} {self.status} is not an OpenAI error: {str(self.error_body)[:200]}")
+        return out
+
+
+def _openai_error(body: Any) -> bool:
+    err = body.get("error") if isinstance(body, dict) else None
+    return isinstance(err, dict) and isinstance(err.get("message"), str) and "type" in err
+
+
+def _payload(r: Req) -> tuple[str, dict[str, Any]]:
+    if r.kind == "completion":
+        return "/v1/completions", {"model": r.model, "prompt": r.prompt, "max_tokens": r.max_tokens,
+                                   "stream": r.stream, "temperature": 0}
+    if r.kind == "embedding":
+        return "/v1/embeddings", {"model": r.model, "input": r.prompt}
+    return "/v1/chat/completions", {
+        "model": r.model, "messages": [{"role": "user", "content": r.prompt}],
+        "max_tokens": r.max_tokens, "stream": r.stream, "temperature": 0,
+    }
+
+
+def _text_of(choice: dict[str, Any]) -> str:
+    if "text" in choice:
+        return choice.get("text") or ""
+    msg = choice.get("message") or choice.get("delta") or {}
+    return msg.get("content") or ""
+
+
+async def send(session: aiohttp.ClientSession, base: str, r: Req, deadline: float) -> Outcome:
+    """Send one request and follow it to its end (or to `deadline` seconds)."""
+    out = Outcome(r)
+    t0 = time.monotonic()
+    try:
+        if r.client == "openai":
+            await asyncio.wait_for(_send_openai(base, r, out), deadline)
+        else:
+            await asyncio.wait_for(_send_aiohttp(session, base, r, out), deadline)
+    except asyncio.TimeoutError:
+        out.lost = True
+    except (aiohttp.ClientError, ConnectionError) as exc:
+        if not out.abandoned:
+            out.stream_error = f"{type(exc).__name__}: {exc}"
+            if out.status is None:
+                out.lost = True  # the connection broke before any answer
+    out.elapsed = time.monotonic() - t0
+    return out
+
+
+async def _send_aiohttp(session: aiohttp.ClientSession, base: str, r: Req, out: Outcome) -> None:
+    path, body = _payload(r)
+    t0 = time.monotonic()
+    async with session.post(base + path, json=body) as resp:
+        out.status = resp.status
+        if "X-Sim-Model" in resp.headers:
+            out.stamps.add(resp.headers["X-Sim-Model"])
+        if resp.status != 200:
+            try:
+                out.error_body = await resp.json(content_type=None)
+            except ValueError:
+                out.error_body = (await resp.read())[:300]
+            return
+        if not r.stream:
+            data = await resp.json()
+            out.stamps.add(data.get("model"))
+            choice = (data.get("choices") or [{}])[0]
+            out.finish_reason = choice.get("finish_reason")
+            out.garbage = GARBAGE_MARK in _text_of(choice)
+            return
+        async for raw in resp.content:
+            line = raw.strip()
+            if r.abandon_after is not None and time.monotonic() - t0 >= r.abandon_after:
+                out.abandoned = True
+                resp.close()  # hang up mid-stream
+                return
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                out.done = True
+                continue
+            event = json.loads(data)
+            if "error" in event:
+                out.stream_error = str(event["error"])[:200]
+                continue
+            if event.get("model"):
+                out.stamps.add(event["model"])
+            for choice in event.get("choices") or []:
+                if choice.get("finish_reason"):
+                    out.finish_reason = choice["finish_reason"]
+                if GARBAGE_MARK in _text_of(choice):
+                    out.garbage = True
+
+
+async def _send_openai(base: str, r: Req, out: Outcome) -> None:
+    """The same through the official client (what users run)."""
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="none", max_retries=0,
+                                timeout=REQUEST_TIMEOUT + LOST_GRACE)
+    try:
+        messages = [{"role": "user", "content": r.prompt}]
+        if r.stream:
+            stream = await client.chat.completions.create(
+                model=r.model, messages=messages, max_tokens=r.max_tokens, stream=True, temperature=0)
+            out.status = 200
+            async for chunk in stream:
+                out.stamps.add(chunk.model)
+                for choice in chunk.choices:
+                    if choice.finish_reason:
+                        out.finish_reason = choice.finish_reason
+                    if GARBAGE_MARK in (choice.delta.content or ""):
+                        out.garbage = True
+            out.done = True  # the client consumed [DONE] without error
+        else:
+            raw = await client.chat.completions.with_raw_response.create(
+                model=r.model, messages=messages, max_tokens=r.max_tokens, temperature=0)
+            out.status = raw.http_response.status_code
+            out.stamps.add(raw.headers.get("X-Sim-Model"))
+            reply = raw.parse()
+            out.stamps.add(reply.model)
+            out.finish_reason = reply.choices[0].finish_reason
+            out.garbage = GARBAGE_MARK in (reply.choices[0].message.content or "")
+    except openai.APIStatusError as exc:
+        out.status = exc.status_code
+        out.error_body = exc.body if isinstance(exc.body, dict) and "error" in exc.body else {"error": exc.body}
+    except openai.APIConnectionError as exc:  # includes APITimeoutError
+        if out.status is None:
+            out.lost = True
+        else:
+            out.stream_error = f"{type(exc).__name__}: {exc}"
+    finally:
+        await client.close()
+
+
+# --------------------------------------------------------------------------- the watcher
+
+
+class Watcher:
+    """Checks invariants continuously while a scenario runs."""
+
+    def __init__(self, daemon: Daemon, session: aiohttp.ClientSession, *, max_awake: int = 1,
+                 interval: float = 0.1):
+        self.daemon = daemon
+        self.session = session
+        self.max_awake = max_awake
+        self.interval = interval
+        self.violations: list[str] = []
+        self.samples = 0
+        self.max_in_flight = 0
+        self.peak_awake = 0  # most models holding full GPU memory at once, in any group
+        self._task: asyncio.Task | None = None
+        self._groups = {name: m.get("gpu_group", "default") for name, m in daemon.config["models"].items()}
+        self._ports = {name: m["port"] for name, m in daemon.config["models"].items()}
+
+    def _violation(self, text: str) -> None:
+        if text not in self.violations:
+            self.violations.append(text)
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def _run(self) -> None:
+        tick = 0
+        while True:
+            tick += 1
+            await self.check_ledger()
+            if tick % 2 == 0:
+                await self.check_daemon()
+            if tick % 3 == 0:
+                await self.check_backends()
+            self.samples += 1
+            await asyncio.sleep(self.interval)
+
+    async def check_ledger(self) -> None:
+        """I1 on the GPU: used <= capacity, awake reservations <= budget per group."""
+        try:
+            snap = await asyncio.to_thread(self.daemon.ledger)
+        except (OSError, ValueError):
+            return
+        if snap["used_mb"] > snap["capacity_mb"]:
+            self._violation(f"I1: GPU ledger over capacity: {snap['used_mb']} > {snap['capacity_mb']} MB")
+        awake: dict[str, list[str]] = {}
+        for pid, mb in snap["by_pid"].items():
+            model = snap["models"].get(pid, "")
+            if mb > RESIDUE_MB and model in self._groups:
+                awake.setdefault(self._groups[model], []).append(model)
+        for group, names in awake.items():
+            self.peak_awake = max(self.peak_awake, len(names))
+            if len(names) > self.max_awake:
+                self._violation(f"I1: {len(names)} models hold full GPU memory in group {group}: {sorted(names)}")
+
+    async def check_daemon(self) -> None:
+        """I1 as the daemon tells it: models awake (or getting/leaving there) per group."""
+        try:
+            async with self.session.get(self.daemon.base + "/v1/models",
+                                        timeout=aiohttp.ClientTimeout(total=10)) as resp:
+                data = await resp.json()
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+            return
+        on_gpu: dict[str, list[str]] = {}
+        flight = 0
+        for m in data["data"]:
+            st = m["llmux"]
+            flight += int(st.get("in_flight") or 0)
+            if st["state"] in ("active", "draining", "evicting", "waking"):
+                on_gpu.setdefault(st.get("group") or "default", []).append(m["id"])
+        self.max_in_flight = max(self.max_in_flight, flight)
+        for group, names in on_gpu.items():
+            if len(names) > self.max_awake:
+                self._violation(f"I1: daemon shows {sorted(names)} on the GPU at once in group {group}")
+
+    async def check_backends(self) -> None:
+        """I2: no request waits inside a sleeping engine (it was forwarded to a
+        model that is not ready)."""
+        for name, port in self._ports.items():
+            try:
+                async with self.session.get(f"http://127.0.0.1:{port}/metrics",
+                                            timeout=aiohttp.ClientTimeout(total=1)) as resp:
+                    text = await resp.text()
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                continue  # not started, stopped or frozen: nothing to judge
+            awake = 'sleep_state="awake"} 1.0' in text
+            waiting = metric_sum(text, "vllm:num_requests_waiting{")
+            if not awake and waiting > 0:
+                self._violation(f"I2: {int(waiting)} request(s) forwarded to {name} while it sleeps")
+
+
+# --------------------------------------------------------------------------- scenarios
+
+
+@dataclass
+class Wave:
+    """Requests fired together: `at` seconds after the scenario starts, or
+    after the wave named `after` has been answered, or once the daemon shows
+    `when` = (model, state)."""
+
+    requests: list[Req]
+    at: float = 0.0
+    after: str | None = None
+    when: tuple[str, str] | None = None
+    name: str = ""
+
+
+@dataclass
+class Scenario:
+    name: str
+    waves: list[Wave]
+    allowed: frozenset[int] = frozenset({200})
+    note: str = ""
+
+
+@dataclass
+class Report:
+    scenario: str
+    outcomes: list[Outcome]
+    violations: list[str]
+    samples: int
+    max_in_flight: int
+    peak_awake: int = 0
+
+    @property
+    def sent(self) -> int:
+        return len(self.outcomes)
+
+    def problems(self, allowed: frozenset[int]) -> list[str]:
+        found = []
+        for o in self.outcomes:
+            found.extend(o.problems(allowed))
+        return found
+
+    def count(self, kind: str, allowed: frozenset[int]) -> int:
+        return sum(1 for p in self.problems(allowed) if p.startswith(kind))
+
+    def statuses(self) -> dict[Any, int]:
+        out: dict[Any, int] = {}
+        for o in self.outcomes:
+            key = "lost" if o.lost else ("abandoned" if o.abandoned else o.status)
+            out[key] = out.get(key, 0) + 1
+        return out
+
+
+def burst(model: str, n: int, **kw: Any) -> list[Req]:
+    return [Req(model, **kw) for _ in range(n)]
+
+
+def alternating(models: list[str], n: int, **kw: Any) -> list[Req]:
+    return [Req(models[i % len(models)], **kw) for i in range(n)]
+
+
+def mixed(models: list[str], n: int, seed: int, *, max_tokens: tuple[int, int] = (1, 12),
+          stream_share: float = 0.3) -> list[Req]:
+    """Random models, lengths and streaming, from a fixed seed (reproducible)."""
+    rng = random.Random(seed)
+    return [Req(rng.choice(models), stream=rng.random() < stream_share,
+                max_tokens=rng.randint(*max_tokens)) for _ in range(n)]
+
+
+async def run_scenario(daemon: Daemon, scenario: Scenario, *, max_awake: int = 1,
+                       settle: bool = True) -> Report:
+    """Fire the waves, watch invariants meanwhile, then check leases and counts."""
+    deadline = REQUEST_TIMEOUT + LOST_GRACE
+    connector = aiohttp.TCPConnector(limit=0, force_close=False)
+    async with aiohttp.ClientSession(connector=connector,
+                                     timeout=aiohttp.ClientTimeout(total=None)) as session:
+        before = requests_counted(await _get_text(session, daemon.base + "/metrics"))
+        watcher = Watcher(daemon, session, max_awake=max_awake)
+        watcher.start()
+        done: dict[str, asyncio.Event] = {w.name: asyncio.Event() for w in scenario.waves if w.name}
+        outcomes: list[Outcome] = []
+        t0 = time.monotonic()
+
+        async def fire(wave: Wave) -> None:
+            if wave.after:
+                await done[wave.after].wait()
+            if wave.when:
+                await _wait_state(session, daemon, *wave.when)
+            wait = wave.at - (time.monotonic() - t0) if not wave.after else wave.at
+            if wait > 0:
+                await asyncio.sleep(wait)
+            results = await asyncio.gather(*(send(session, daemon.base, r, deadline) for r in wave.requests))
+            outcomes.extend(results)
+            if wave.name:
+                done[wave.name].set()
+
+        try:
+            await asyncio.gather(*(fire(w) for w in scenario.waves))
+            if settle:
+                await _settle(session, daemon, watcher, before + len(outcomes))
+        finally:
+            await watcher.stop()
+    return Report(scenario.name, outcomes, watcher.violations, watcher.samples, watcher.max_in_flight,
+                  watcher.peak_awake)
+
+
+async def _get_text(session: aiohttp.ClientSession, url: str) -> str:
+    async with session.get(url, timeout=aiohttp.ClientTimeout(total=30)) as resp:
+        return await resp.text()
+
+
+async def _wait_state(session: aiohttp.ClientSession, daemon: Daemon, model: str, state: str,
+                      timeout: float = SETTLE_TIMEOUT) -> None:
+    """Until the daemon shows `model` in `state` ("a|b": either)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        data = json.loads(await _get_text(session, daemon.base + "/v1/models"))
+        if any(m["id"] == model and m["llmux"]["state"] in state.split("|") for m in data["data"]):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{model} never reached state {state}")
+
+
+async def _settle(session: aiohttp.ClientSession, daemon: Daemon, watcher: Watcher,
+                  expected_count: float) -> None:
+    """I4 and nothing lost inside: leases back to zero, every request counted once."""
+    end = time.monotonic() + SETTLE_TIMEOUT
+    models: list[dict[str, Any]] = []
+    counted = 0.0
+    while time.monotonic() < end:
+        data = json.loads(await _get_text(session, daemon.base + "/v1/models"))
+        models = data["data"]
+        idle = all(not m["llmux"].get("in_flight") and not m["llmux"].get("queue_depth") for m in models)
+        counted = requests_counted(await _get_text(session, daemon.base + "/metrics"))
+        if idle and counted >= expected_count:
+            if counted > expected_count:
+                watcher._violation(f"metrics counted {counted:.0f} requests, {expected_count:.0f} were sent")
+            return
+        await asyncio.sleep(0.05)
+    leaks = {m["id"]: (m["llmux"].get("in_flight"), m["llmux"].get("queue_depth")) for m in models}
+    watcher._violation(f"I4: leases or queues not back to zero after {SETTLE_TIMEOUT:.0f}s "
+                       f"(in_flight, queue_depth): {leaks}; metrics counted {counted:.0f} "
+                       f"of {expected_count:.0f} requests")
+
+
+# --------------------------------------------------------------------------- the pass rule
+
+#: totals over the run, for the terminal summary
+TOTALS: dict[str, Any] = {"scenarios": 0, "sent": 0, "lost": 0, "misrouted": 0, "cut": 0,
+                          "unexpected": 0, "violations": 0, "failed": []}
+
+
+def record(report: Report, allowed: frozenset[int]) -> None:
+    """Add one scenario's numbers to the run's summary."""
+    TOTALS["scenarios"] += 1
+    TOTALS["sent"] += report.sent
+    for kind in ("lost", "misrouted", "cut", "unexpected"):
+        TOTALS[kind] += report.count(kind, allowed)
+    TOTALS["violations"] += len(report.violations)
+    if report.problems(allowed) or report.violations:
+        TOTALS["failed"].append(report.scenario)
+
+
+def check(report: Report, allowed: frozenset[int] = frozenset({200})) -> None:
+    """Record, then fail with every problem listed (the pass rule)."""
+    record(report, allowed)
+    problems = report.problems(allowed)
+    head = f"{report.scenario}: {report.sent} requests, statuses {report.statuses()}"
+    assert not problems and not report.violations, "\n".join(
+        [head, *problems[:30], *(f"violation: {v}" for v in report.violations)])
+    assert report.samples > 0 or report.sent < 5, f"{report.scenario}: the watcher never sampled"
+
+
+def start_daemon(tmp: Path, models: Iterable[SimModel], **config: Any) -> Daemon:
+    path = write_config(tmp, list(models), **config)
+    return Daemon(path, tmp / "llmuxd.log").start()
+
+
+def stop_and_check(daemon: Daemon) -> None:
+    """SIGTERM: exit 0, every backend gone, the GPU ledger empty."""
+    children = backend_children(daemon.pid) if daemon.proc and daemon.proc.poll() is None else []
+    rc = daemon.stop()
+    assert rc == 0, f"llmuxd exited {rc}:\n{daemon.log()[-3000:]}"
+    left = [p for p in children if pid_alive(p)]
+    assert left == [], f"backends {left} outlived llmuxd"
+    assert daemon.ledger()["used_mb"] == 0, f"GPU memory still held: {daemon.ledger()}"
+
+
