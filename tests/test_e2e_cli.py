@@ -57,3 +57,13 @@ def test_system_mode_slot(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, cli.SYSTEM_MODULE, FakeSystem)
     assert cli.main(["--config", "/etc/llmux/llmux.yaml"]) == 0
     assert calls == [["--config", "/etc/llmux/llmux.yaml"]]
+
+
+@pytest.mark.parametrize("argv", [
+    ["--config", "{cfg}", "validate", "m", "--policies", "offload+keep_running"],
+    ["validate", "--config", "{cfg}", "m", "--policies", "offload+keep_running"],
+])
+def test_tools_read_the_config_given_before_or_after_the_subcommand(tmp_path, capsys, argv):
+    missing = str(tmp_path / "absent.yaml")
+    assert cli.main([a.replace("{cfg}", missing) for a in argv]) == 2
+    assert f"{missing}: cannot read" in capsys.readouterr().err

@@ -5,6 +5,7 @@
                                             embedded mode: subprocess backends, no root, no system
                                             bus; D-Bus on the session bus when there is one
     llmuxd check-config [FILE]              validate a config and print the effective result
+    llmuxd checkpoint|restore|validate MODEL  operator tools (llmuxd/daemon/tools.py)
 
 Subcommands are imported only when chosen, so `llmuxd --help` and
 `check-config` stay fast and work with parts of the daemon missing.
@@ -58,8 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("check-config", add_help=False,
                    help="validate a config and print the effective result (see check-config --help)")
 
-    # -- slot: operator tools, to come (llmux 0.7's --validate/--checkpoint/--restore-detached)
-    # sub.add_parser("validate", ...); sub.add_parser("checkpoint", ...); sub.add_parser("restore", ...)
+    # operator tools: llmux 0.7's --validate / --checkpoint / --restore-detached
+    from llmuxd.daemon.tools import add_tool_parsers
+
+    add_tool_parsers(sub)
     return parser
 
 
@@ -135,6 +138,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "run":
         return cmd_run(args)
+    if getattr(args, "tool", None):
+        from llmuxd.daemon.tools import run_tool
+
+        setup_logging(args.log_level)
+        return run_tool(args)
     return cmd_system(args, argv)
 
 

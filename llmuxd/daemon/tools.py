@@ -211,7 +211,9 @@ def parse_policies(text: str) -> list[Eviction]:
 def add_tool_parsers(subparsers: Any) -> None:
     """Add `checkpoint`, `restore` and `validate` to llmuxd's argparse subparsers."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", default=None, help="main config file (default /etc/llmux/llmux.yaml)")
+    # SUPPRESS: `llmuxd --config F validate ...` (the top-level option) must not be reset
+    common.add_argument("--config", default=argparse.SUPPRESS,
+                        help="main config file (default /etc/llmux/llmux.yaml)")
     common.add_argument("--runtime", choices=("auto", "systemd", "subprocess"), default="auto",
                         help="where the backend runs (auto: systemd when root with a system bus)")
     common.add_argument("model", help="the model's public name")
@@ -249,7 +251,7 @@ def run_tool(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     from llmuxd.config import ConfigError, load_config
 
     try:
-        config = load_config(args.config)
+        config = load_config(getattr(args, "config", None))
         return asyncio.run(_run_tool(args, config, out))
     except (ConfigError, EvictionError) as exc:
         print(f"llmuxd {args.tool}: {exc}", file=sys.stderr)
