@@ -60,18 +60,26 @@ class InvalidEviction(LLMuxError):
     openai_type = "invalid_request_error"
 
 
-class SwitchFailed(LLMuxError):
-    """A switch to `model` failed in `phase` (start, sleep, wake, ready, ...)."""
+class PhaseError(LLMuxError):
+    """`model` failed in `phase` for `reason`: the one message of SwitchFailed and BackendError.
 
-    bus_name = "SwitchFailed"
-    http_status = 502
-    openai_type = "server_error"
+    A shared base, not one error: the switcher reports SwitchFailed to callers, the backends
+    raise BackendError to the switcher, and neither must catch the other.
+    """
 
     def __init__(self, model: str, phase: str, reason: str, retry_after: float | None = None):
         super().__init__(f"model '{model}' failed to {phase}: {reason}", retry_after=retry_after)
         self.model = model
         self.phase = phase
         self.reason = reason
+
+
+class SwitchFailed(PhaseError):
+    """A switch to `model` failed in `phase` (start, sleep, wake, ready, ...)."""
+
+    bus_name = "SwitchFailed"
+    http_status = 502
+    openai_type = "server_error"
 
 
 class SwitchTimeout(LLMuxError):
@@ -113,14 +121,8 @@ class InvalidConfig(LLMuxError):
     openai_type = "server_error"
 
 
-class BackendError(LLMuxError):
+class BackendError(PhaseError):
     """A backend operation failed: which model, which phase, why."""
 
     bus_name = "SwitchFailed"
     http_status = 502
-
-    def __init__(self, model: str, phase: str, reason: str):
-        super().__init__(f"model '{model}' failed to {phase}: {reason}")
-        self.model = model
-        self.phase = phase
-        self.reason = reason

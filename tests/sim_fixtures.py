@@ -29,6 +29,8 @@ import pytest
 
 READY_RE = re.compile(r"Uvicorn running on http://([^:\s]+):(\d+)")
 START_TIMEOUT = 60.0  # generous: the machine is shared
+#: a short greedy completion: the same text each time, so answers compare across sleep and faults
+PROMPT = {"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}
 
 
 def free_port() -> int:
@@ -143,6 +145,12 @@ class SimProcess:
              ) -> tuple[int, Any]:
         status, _, data = self.request(method, path, body, timeout)
         return status, (json.loads(data) if data.strip() else None)
+
+    def answer(self) -> str:
+        """The text of a 200 answer to `PROMPT` (an error answer fails the test)."""
+        status, data = self.json("POST", "/v1/completions", PROMPT)
+        assert status == 200, data
+        return data["choices"][0]["text"]
 
     def state(self) -> dict[str, Any]:
         status, data = self.json("GET", "/sim/state")

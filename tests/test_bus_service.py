@@ -18,6 +18,7 @@ from test_bus_support import (
     connect,
     disconnect,
     error_of,
+    poll_until,
     start_service,
     system_bus,  # noqa: F401  (fixture)
 )
@@ -285,13 +286,20 @@ async def test_a_thousand_status_calls_while_switching(system_bus, client, runni
     await ok(client, "SwitchAndWait", "st", ["llama", 0])
 
 
-async def test_client_leaving_mid_switch_and_wait(system_bus, client, running):
+async def leave_mid_call(address: str, running, member: str) -> str:
+    """A fresh client calls `member` ("st", llama) and leaves the bus while the switch it
+    started is held; its unique name."""
     running.switcher.proceed.clear()
-    leaver = await connect(system_bus.address)
-    pending = asyncio.ensure_future(call(leaver, "SwitchAndWait", "st", ["llama", 0]))
+    leaver = await connect(address)
+    pending = asyncio.ensure_future(call(leaver, member, "st", ["llama", 0]))
     await running.switcher.started.wait()
     await disconnect(leaver)
     pending.cancel()
+    return leaver.unique_name
+
+
+async def test_client_leaving_mid_switch_and_wait(system_bus, client, running):
+    await leave_mid_call(system_bus.address, running, "SwitchAndWait")
     assert (await ok(client, "GetStatus"))[0]["state"].value == "switching:none->llama"
     log = await SignalLog(client).watch()
     running.switcher.proceed.set()
@@ -314,10 +322,7 @@ async def test_lease_is_released_when_its_client_leaves(system_bus, client, runn
     await disconnect(holder)
     log = await SignalLog(client).watch()
     await ok(client, "GetStatus")  # NameOwnerChanged is ordered before this reply
-    for _ in range(600):
-        if running.switcher.released:
-            break
-        await asyncio.sleep(0.05)
+    await poll_until(lambda: running.switcher.released)
     assert [l.model for l in running.switcher.released] == ["llama"]
     assert running.switcher.models["llama"].in_flight == 0
     del log
@@ -337,17 +342,9 @@ async def test_second_daemon_cannot_take_the_name(system_bus, running):
 
 
 async def test_lease_of_a_client_that_left_while_waiting_is_released(system_bus, client, running):
-    running.switcher.proceed.clear()
-    holder = await connect(system_bus.address)
-    pending = asyncio.ensure_future(call(holder, "Acquire", "st", ["llama", 0]))
-    await running.switcher.started.wait()
-    await disconnect(holder)
-    pending.cancel()
+    holder = await leave_mid_call(system_bus.address, running, "Acquire")
     await ok(client, "GetStatus")  # the service has seen the client leave
     running.switcher.proceed.set()
-    for _ in range(600):
-        if running.switcher.released:
-            break
-        await asyncio.sleep(0.05)
+    await poll_until(lambda: running.switcher.released)
     assert [l.model for l in running.switcher.released] == ["llama"]
-    assert running.service.leases_of(holder.unique_name) == []
+    assert running.service.leases_of(holder) == []

@@ -22,6 +22,8 @@ import pytest
 from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio import MessageBus
 
+from llmuxd.bus.client import llmux_call
+from llmuxd.bus.connection import DBUS_NAME, call_bus_daemon
 from llmuxd.bus.service import LLMuxService, export_service
 from llmuxd.errors import ModelPinned, NotSupported, SwitchFailed, SwitchTimeout, UnknownModel
 from llmuxd.eviction import DEFAULT_EVICTION, Eviction
@@ -415,19 +417,11 @@ async def call(
     interface: str = MANAGER_IFACE,
     flags: int = 0,
 ) -> Message:
+    """The raw reply (an error too) of a call to the llmux service on `bus`."""
     from dbus_fast import MessageFlag
 
     return await bus.call(
-        Message(
-            destination=BUS_NAME,
-            path=path,
-            interface=interface,
-            member=member,
-            signature=signature,
-            body=body or [],
-            flags=MessageFlag(flags),
-        )
-    )
+        llmux_call(member, signature, body, path=path, interface=interface, flags=MessageFlag(flags)))
 
 
 def error_of(reply: Message) -> tuple[str, str]:
@@ -478,6 +472,15 @@ async def call_as(
     return json.loads(out)
 
 
+async def poll_until(predicate: Callable[[], Any], timeout: float = 30.0) -> None:
+    """Poll an in-process `predicate` until it holds or `timeout` passes (for what no signal
+    tells, such as a lease released after its client left); the caller asserts after."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate() and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+
+
 async def disconnect(bus: MessageBus) -> None:
     bus.disconnect()
     try:
@@ -496,24 +499,12 @@ class SignalLog:
         bus.add_message_handler(self._on_message)
 
     async def watch(self) -> "SignalLog":
-        for rule in (
-            f"type='signal',sender='{BUS_NAME}'",
-        ):
-            reply = await self.bus.call(
-                Message(
-                    destination="org.freedesktop.DBus",
-                    path="/org/freedesktop/DBus",
-                    interface="org.freedesktop.DBus",
-                    member="AddMatch",
-                    signature="s",
-                    body=[rule],
-                )
-            )
-            assert reply.message_type == MessageType.METHOD_RETURN
+        reply = await call_bus_daemon(self.bus, "AddMatch", "s", [f"type='signal',sender='{BUS_NAME}'"])
+        assert reply.message_type == MessageType.METHOD_RETURN
         return self
 
     def _on_message(self, msg: Message):
-        if msg.message_type == MessageType.SIGNAL and msg.interface != "org.freedesktop.DBus":
+        if msg.message_type == MessageType.SIGNAL and msg.interface != DBUS_NAME:
             self.seen.append(msg)
             self._changed.set()
         return None

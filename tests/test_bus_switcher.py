@@ -3,8 +3,6 @@ what a bus client sees during real switches, failures, pins, leases, reloads."""
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 from dbus_fast import MessageType
 
@@ -12,7 +10,8 @@ from fakes import FakeBackends, make_config
 from llmuxd.bus.service import export_service
 from llmuxd.names import MANAGER_IFACE, MANAGER_PATH, MODEL_IFACE, model_object_path
 from llmuxd.switcher import Switcher
-from test_bus_support import SignalLog, call, changed_props, connect, disconnect, error_of, system_bus  # noqa: F401
+from test_bus_support import (SignalLog, call, changed_props, connect, disconnect, error_of, poll_until,  # noqa: F401
+                               system_bus)
 
 E = "io.llmux.LLMux1.Error."
 PROPS = "org.freedesktop.DBus.Properties"
@@ -127,10 +126,7 @@ async def test_bus_lease_holds_the_model_until_its_client_leaves(system_bus, cli
     assert endpoint == stack.backends.endpoint("a")
     assert stack.switcher.status().models["a"].in_flight == 1
     await disconnect(holder)
-    for _ in range(600):
-        if stack.switcher.status().models["a"].in_flight == 0:
-            break
-        await asyncio.sleep(0.05)
+    await poll_until(lambda: stack.switcher.status().models["a"].in_flight == 0)
     assert stack.switcher.status().models["a"].in_flight == 0
     assert stack.service.leases_of(holder.unique_name) == []
 

@@ -12,12 +12,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import socket
-import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -25,126 +22,14 @@ import openai
 import pytest
 import yaml
 
+from daemon_process import SIM, WAIT, DaemonProcess, daemon_env, http_json, sim_model, write_config
 from llmuxd.sim.ledger import GpuLedger
-
-BIN = Path(sys.executable).parent
-#: the checkout under test, first on the path of the daemon and its backends
-#: (an installed llmux package elsewhere on sys.path must not stand in for it)
-REPO = Path(__file__).resolve().parent.parent
-SIM = str(BIN / "llmux-vllm-sim")
-START_TIMEOUT = 60.0
-WAIT = 60.0
 
 pytestmark = pytest.mark.skipif(not os.path.exists(SIM), reason="llmux-vllm-sim not installed in this venv")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def sim_model(path: str, ledger: Path, gpu_mb: int, **env: str) -> dict:
-    return {
-        "model_path": path,
-        "command": [SIM, "serve"],
-        "port": free_port(),
-        "eviction": "offload+keep_running",
-        "env": {
-            "LLMUX_SIM_LOAD_TIME": "0.2",
-            "LLMUX_SIM_TOKENS_PER_S": "20",
-            "LLMUX_SIM_GPU_LEDGER": str(ledger),
-            "LLMUX_SIM_GPU_MB": str(gpu_mb),
-            **env,
-        },
-    }
-
-
-def write_config(tmp: Path, models: dict, **top) -> Path:
-    data = {
-        "listen": f"127.0.0.1:{free_port()}",
-        "max_body_bytes": 1024 * 1024,
-        "policy": {
-            "type": "fifo",
-            "request_timeout": 60,
-            "min_active": 0,
-            "drain_timeout": 120,
-            "queue_limit": 2,
-            "failure_backoff": 0.5,
-        },
-        "models": models,
-        **top,
-    }
-    path = tmp / "llmux.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
-def http_json(url: str, data: bytes | None = None, headers: dict | None = None, timeout: float = 30):
-    """(status, headers, parsed JSON body) for a plain request."""
-    req = urllib.request.Request(url, data=data, headers=headers or {}, method="POST" if data is not None else "GET")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, dict(resp.headers), json.loads(resp.read() or b"null")
-    except urllib.error.HTTPError as err:
-        return err.code, dict(err.headers), json.loads(err.read() or b"null")
-
-
-class Daemon:
-    """`llmuxd run` in a subprocess; stop() checks a clean SIGTERM exit."""
-
-    def __init__(self, config: Path, log: Path, *, argv_prefix: list[str] | None = None,
-                 listen: str | None = None, pass_fds: tuple = ()):
-        cfg = yaml.safe_load(config.read_text())
-        self.listen = listen or cfg["listen"]
-        self.base = f"http://{self.listen}"
-        self.log_path = log
-        self._log = open(log, "wb")
-        argv = [sys.executable, "-m", "llmuxd.daemon.main", "run", "--config", str(config),
-                "--log-level", "debug"]
-        self.proc = subprocess.Popen(
-            (argv_prefix or []) + argv, stdout=self._log, stderr=subprocess.STDOUT, pass_fds=pass_fds,
-            env={**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
-                 "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))},
-        )
-
-    def wait_ready(self) -> "Daemon":
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"llmuxd exited {self.proc.returncode}:\n{self.log()}")
-            try:
-                if http_json(self.base + "/health", timeout=2)[0] == 200:
-                    return self
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"llmuxd not ready in {START_TIMEOUT}s:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def models(self) -> dict:
-        return {m["id"]: m["llmux"] for m in http_json(self.base + "/v1/models")[2]["data"]}
-
-    def wait_for(self, what: str, predicate, timeout: float = WAIT) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate(self.models()):
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"timed out waiting for {what}: {self.models()}")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
+class Daemon(DaemonProcess):
+    """`llmuxd run` in a subprocess, with openai clients; stop() reports the SIGTERM exit."""
 
     def client(self, **kw) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.base + "/v1", api_key="none", max_retries=0, timeout=WAIT, **kw)
@@ -422,8 +307,8 @@ async def test_pinned_model_makes_others_503_with_its_name(tmp_path, monkeypatch
     from llmuxd.config import load_config
     from llmuxd.daemon.embedded import EmbeddedDaemon
 
-    monkeypatch.setenv("PATH", f"{BIN}:{os.environ.get('PATH', '')}")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    for name in ("PATH", "PYTHONPATH"):
+        monkeypatch.setenv(name, daemon_env()[name])
     ledger = tmp_path / "gpu.json"
     path = write_config(tmp_path, {"alpha": sim_model("org/alpha", ledger, 1000),
                                    "beta": sim_model("org/beta", ledger, 1000)})

@@ -14,18 +14,15 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
+from daemon_process import (BIN, SIM, WAIT, DaemonProcess, daemon_env, http_json, sim_model,
+                            wait_until, write_config)
 from test_bus_support import PrivateBus
-from test_e2e import BIN, REPO, SIM, http_json, sim_model, write_config
 
-START_TIMEOUT = 60.0
-WAIT = 60.0
 BUS_NAME = "io.llmux.LLMux1"
 MANAGER = "/io/llmux/LLMux1"
 
@@ -38,77 +35,24 @@ pytestmark = [
 def tool_env(bus_address: str | None) -> dict:
     """The environment of the daemon and of the tools: this checkout first on
     the path, the private bus as the session bus (or no session bus at all)."""
-    env = {k: v for k, v in os.environ.items() if k != "DBUS_SESSION_BUS_ADDRESS"}
-    env["PATH"] = f"{BIN}:{env.get('PATH', '')}"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = daemon_env()
+    env.pop("DBUS_SESSION_BUS_ADDRESS", None)
     if bus_address is not None:
         env["DBUS_SESSION_BUS_ADDRESS"] = bus_address
     return env
 
 
-class Daemon:
-    """`llmuxd run --bus MODE` in a subprocess."""
+class Daemon(DaemonProcess):
+    """`llmuxd run --bus MODE` in a subprocess, in the environment `env`."""
 
     def __init__(self, config: Path, log: Path, env: dict, bus: str = "session"):
-        self.config = config
-        self.base = "http://" + yaml.safe_load(config.read_text())["listen"]
-        self.log_path = log
-        self._log = open(log, "wb")
-        argv = [sys.executable, "-m", "llmuxd.daemon.main", "run", "--config", str(config),
-                "--bus", bus, "--log-level", "debug"]
-        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=env)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_ready(self) -> "Daemon":
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"llmuxd exited {self.proc.returncode}:\n{self.log()}")
-            try:
-                if http_json(self.base + "/health", timeout=2)[0] == 200:
-                    return self
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"llmuxd not ready in {START_TIMEOUT}s:\n{self.log()}")
-
-    def wait_exit(self) -> int:
-        try:
-            return self.proc.wait(timeout=START_TIMEOUT)
-        finally:
-            self._log.close()
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
-
-    def models(self) -> dict:
-        return {m["id"]: m["llmux"] for m in http_json(self.base + "/v1/models")[2]["data"]}
+        super().__init__(config, log, bus=bus, env=env)
 
     def chat(self, model: str) -> tuple[int, dict]:
         body = json.dumps({"model": model, "messages": [{"role": "user", "content": "x"}], "max_tokens": 1})
         status, _, reply = http_json(self.base + "/v1/chat/completions", body.encode(),
                                      {"Content-Type": "application/json"}, timeout=WAIT)
         return status, reply
-
-
-def wait_until(what: str, predicate, timeout: float = WAIT):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +102,16 @@ def busctl(daemon: Daemon, *args: str) -> subprocess.CompletedProcess:
 
 def write_yaml(path: Path, data: dict) -> None:
     path.write_text(yaml.safe_dump(data))
+
+
+def write_with_model(daemon: Daemon, original: dict, model: str, **policy) -> None:
+    """Rewrite the daemon's config file as `original` plus the simulator model `model`
+    (org/MODEL-7b) and the `policy` changes given."""
+    data = {**original, "models": {**original["models"],
+                                   model: sim_model(f"org/{model}-7b", daemon.ledger, 30000)}}
+    if policy:
+        data["policy"] = {**original["policy"], **policy}
+    write_yaml(daemon.config, data)
 
 
 # -- reading -------------------------------------------------------------------
@@ -224,9 +178,7 @@ def test_pin_makes_requests_for_another_model_get_503_until_unpinned(llmux):
 
 
 def test_reload_over_the_bus_adds_a_model_to_http_and_the_bus(llmux, config_restored):
-    data = dict(config_restored)
-    data["models"] = {**data["models"], "gamma": sim_model("org/gamma-7b", llmux.ledger, 30000)}
-    write_yaml(llmux.config, data)
+    write_with_model(llmux, config_restored, "gamma")
     rc, reply = ctl(llmux, "reload")
     assert (rc, reply) == (0, {"reloaded": True})
     assert "gamma" in llmux.models()
@@ -236,10 +188,7 @@ def test_reload_over_the_bus_adds_a_model_to_http_and_the_bus(llmux, config_rest
 
 
 def test_reload_of_a_broken_config_fails_with_invalid_config_and_changes_nothing(llmux, config_restored):
-    data = dict(config_restored)
-    data["policy"] = {**data["policy"], "request_timeout": "soon"}
-    data["models"] = {**data["models"], "delta": sim_model("org/delta-7b", llmux.ledger, 30000)}
-    write_yaml(llmux.config, data)
+    write_with_model(llmux, config_restored, "delta", request_timeout="soon")
 
     rc, reply = ctl(llmux, "reload")
     assert rc != 0
@@ -255,9 +204,7 @@ def test_reload_of_a_broken_config_fails_with_invalid_config_and_changes_nothing
 
 
 def test_sighup_reloads_the_config_file(llmux, config_restored):
-    data = dict(config_restored)
-    data["models"] = {**data["models"], "epsilon": sim_model("org/epsilon-7b", llmux.ledger, 30000)}
-    write_yaml(llmux.config, data)
+    write_with_model(llmux, config_restored, "epsilon")
     llmux.proc.send_signal(signal.SIGHUP)
     wait_until("epsilon on /v1/models after SIGHUP", lambda: "epsilon" in llmux.models())
     rc, status = ctl(llmux, "status")
@@ -265,8 +212,7 @@ def test_sighup_reloads_the_config_file(llmux, config_restored):
 
 
 def test_reload_applies_the_front_end_limits(llmux, config_restored):
-    data = {**config_restored, "max_body_bytes": 1000}
-    write_yaml(llmux.config, data)
+    write_yaml(llmux.config, {**config_restored, "max_body_bytes": 1000})
     assert ctl(llmux, "reload")[0] == 0
     big = json.dumps({"model": "alpha", "messages": [{"role": "user", "content": "x" * 2000}]}).encode()
     status, _, body = http_json(llmux.base + "/v1/chat/completions", big, {"Content-Type": "application/json"})

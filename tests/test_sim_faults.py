@@ -10,20 +10,12 @@ import urllib.request
 import pytest
 
 from llmuxd.sim.ledger import GpuLedger
-from sim_fixtures import SimProcess, sim_cache, sim_factory  # noqa: F401
-
-PROMPT = {"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}
+from sim_fixtures import PROMPT, SimProcess, sim_cache, sim_factory  # noqa: F401
 
 
 @pytest.fixture
 def sim(sim_factory) -> SimProcess:  # noqa: F811
     return sim_factory("faulty")
-
-
-def answer(sim: SimProcess) -> str:
-    status, data = sim.json("POST", "/v1/completions", PROMPT)
-    assert status == 200, data
-    return data["choices"][0]["text"]
 
 
 @pytest.mark.parametrize("kind,method,path,body", [
@@ -60,11 +52,11 @@ def test_hang_sleep_answers_only_when_cleared(sim):
 
 
 def test_garbage_fault_until_cleared(sim):
-    good = answer(sim)
+    good = sim.answer()
     sim.fault("garbage")
-    assert answer(sim).startswith("\ufffdgarbage") and answer(sim) != good
+    assert sim.answer().startswith("\ufffdgarbage") and sim.answer() != good
     sim.json("DELETE", "/sim/fault")
-    assert answer(sim) == good
+    assert sim.answer() == good
 
 
 def test_latency_fault_delays_requests(sim):
@@ -196,7 +188,7 @@ def test_engine_dead_fault_until_cleared(sim):
     assert status == 500 and "EngineCore encountered an issue" in data["error"]["message"]
     sim.json("DELETE", "/sim/fault?kind=engine_dead")
     assert sim.request("GET", "/health")[0] == 200
-    assert answer(sim)
+    assert sim.answer()
 
 
 def test_legacy_503_while_asleep(sim_factory):  # noqa: F811
@@ -205,4 +197,4 @@ def test_legacy_503_while_asleep(sim_factory):  # noqa: F811
     status, data = sim.json("POST", "/v1/completions", PROMPT)
     assert status == 503 and data["error"]["message"] == "Model is sleeping"
     sim.json("POST", "/wake_up")
-    assert answer(sim)
+    assert sim.answer()

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -91,13 +92,19 @@ def test_sigterm_when_idle_exits_cleanly(sim_factory):  # noqa: F811
     assert "shutdown complete" in sim.output
 
 
-def test_sigterm_mid_request_waits_for_the_client(sim_factory):  # noqa: F811
-    sim = sim_factory("busy", env={"LLMUX_SIM_TOKENS_PER_S": "10"})
+def raw_long_request(sim: SimProcess) -> socket.socket:
+    """A plain socket whose 1000-token completion the engine is running (the test hangs it up)."""
     client = socket.create_connection(("127.0.0.1", sim.port), timeout=30)
     body = b'{"prompt": "x", "max_tokens": 1000}'
     client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
     sim.wait_state(lambda st: st["requests_running"] == 1)
+    return client
+
+
+def test_sigterm_mid_request_waits_for_the_client(sim_factory):  # noqa: F811
+    sim = sim_factory("busy", env={"LLMUX_SIM_TOKENS_PER_S": "10"})
+    client = raw_long_request(sim)
     sim.proc.send_signal(signal.SIGTERM)
     sim.wait_for_line("Waiting for connections to close")
     assert sim.proc.poll() is None
@@ -121,9 +128,16 @@ def test_console_script_entry_point_is_declared():
     assert out.returncode == 0 and "serve MODEL" in out.stdout
 
 
-def _cmdline(pid: int) -> str:
-    with open(f"/proc/{pid}/cmdline", "rb") as f:
-        return f.read().replace(b"\0", b" ").decode()
+def _cmdline(pid: int, timeout: float = 30.0) -> str:
+    """/proc/PID/cmdline as one line; polled, as it reads empty for an instant while a child
+    that was just started is still in exec."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            line = f.read().replace(b"\0", b" ").decode().strip()
+        if line or time.monotonic() > deadline:
+            return line
+        time.sleep(0.01)
 
 
 def test_worker_processes_like_vllms_tree(sim_factory):  # noqa: F811
@@ -139,10 +153,6 @@ def test_worker_processes_like_vllms_tree(sim_factory):  # noqa: F811
 
 def test_client_that_hangs_up_is_aborted(sim_factory):  # noqa: F811
     sim = sim_factory("hangup", env={"LLMUX_SIM_TOKENS_PER_S": "20"})
-    client = socket.create_connection(("127.0.0.1", sim.port), timeout=30)
-    body = b'{"prompt": "x", "max_tokens": 1000}'
-    client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                   b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-    sim.wait_state(lambda st: st["requests_running"] == 1)
+    client = raw_long_request(sim)
     client.close()
     sim.wait_state(lambda st: st["requests_running"] == 0 and st["requests_served"] == 1)

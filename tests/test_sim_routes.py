@@ -143,6 +143,35 @@ def test_bad_request_gets_400_envelope_and_server_keeps_serving(sim, path, raw):
     assert sim.json("POST", "/v1/completions", {"prompt": "still there?", "max_tokens": 1})[0] == 200
 
 
+#: (route, field, value, how many choices or vectors the answer has; 0: a 400 naming `field`)
+TEXT_SHAPES = [
+    ("/v1/completions", "prompt", "one two", 1),
+    ("/v1/completions", "prompt", ["one", "two"], 2),
+    ("/v1/completions", "prompt", [1, 2, 3], 1),
+    ("/v1/completions", "prompt", [[1, 2], [3]], 0),
+    ("/v1/completions", "prompt", [], 0),
+    ("/v1/completions", "prompt", ["one", 2], 0),
+    ("/v1/embeddings", "input", "one two", 1),
+    ("/v1/embeddings", "input", ["one", "two"], 2),
+    ("/v1/embeddings", "input", [1, 2, 3], 1),
+    ("/v1/embeddings", "input", [[1, 2], [3]], 2),
+    ("/v1/embeddings", "input", [], 0),
+    ("/v1/embeddings", "input", {"text": "x"}, 0),
+]
+
+
+def test_prompt_and_input_shapes(sim):
+    """A string, strings or token ids are served (one answer each); anything else is a 400."""
+    for path, field, value, answers in TEXT_SHAPES:
+        status, data = sim.json("POST", path, {field: value, "max_tokens": 1})
+        case = f"{path} {field}={value!r}: {data}"
+        if answers:
+            assert status == 200, case
+            assert len(data["choices" if "choices" in data else "data"]) == answers, case
+        else:
+            assert (status, data["error"]["param"]) == (400, field), case
+
+
 def test_unknown_path_is_fastapis_404(sim):
     assert sim.json("GET", "/nope") == (404, {"detail": "Not Found"})
 

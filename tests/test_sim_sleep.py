@@ -9,20 +9,12 @@ from typing import Any, Callable
 import aiohttp
 import pytest
 
-from sim_fixtures import SimProcess, sim_cache, sim_factory  # noqa: F401
-
-PROMPT = {"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}
+from sim_fixtures import PROMPT, SimProcess, sim_cache, sim_factory  # noqa: F401
 
 
 @pytest.fixture
 def sim(sim_factory) -> SimProcess:  # noqa: F811
     return sim_factory("alpha")
-
-
-def answer(sim: SimProcess) -> str:
-    status, data = sim.json("POST", "/v1/completions", PROMPT)
-    assert status == 200, data
-    return data["choices"][0]["text"]
 
 
 def sleep_state_metric(sim: SimProcess) -> str:
@@ -107,32 +99,32 @@ def test_one_call_wakes_fully(sim, level, wake_query):
 
 
 def test_level_1_wake_gives_the_same_answer(sim):
-    before = answer(sim)
+    before = sim.answer()
     sim.json("POST", "/sleep?level=1")
     sim.json("POST", "/wake_up")
-    assert answer(sim) == before
+    assert sim.answer() == before
 
 
 def test_level_2_wake_without_reload_gives_garbage_until_reload(sim):
-    before = answer(sim)
+    before = sim.answer()
     sim.json("POST", "/sleep?level=2")
     sim.json("POST", "/wake_up")
-    garbage = answer(sim)
+    garbage = sim.answer()
     assert garbage != before and garbage.startswith("\ufffdgarbage")
     assert not sim.state()["weights_valid"]
     assert sim.request("POST", "/collective_rpc", {"method": "reload_weights"})[0] == 200
-    assert answer(sim) == before
+    assert sim.answer() == before
     st = sim.state()
     assert st["weights_valid"] and st["weights_bytes"] == 8 << 20
 
 
 def test_level_2_documented_order_weights_reload_kv(sim):
-    before = answer(sim)
+    before = sim.answer()
     sim.json("POST", "/sleep?level=2")
     assert sim.json("POST", "/wake_up?tags=weights")[1]["status"] == "sleeping"
     assert sim.request("POST", "/collective_rpc", {"method": "reload_weights"})[0] == 200
     assert sim.json("POST", "/wake_up?tags=kv_cache")[1]["status"] == "awake"
-    assert answer(sim) == before
+    assert sim.answer() == before
 
 
 def test_reload_while_weights_asleep_is_an_error(sim):
@@ -166,6 +158,15 @@ async def post_json(http: aiohttp.ClientSession, url: str, body: Any = None) -> 
         return resp.status, (json.loads(text) if text.strip() else None)
 
 
+async def running_completion(http: aiohttp.ClientSession, sim: SimProcess, prompt: str,
+                             max_tokens: int) -> asyncio.Future:
+    """A completion request (status, body), returned once the engine is running it."""
+    req = asyncio.ensure_future(post_json(
+        http, sim.url("/v1/completions"), {"prompt": prompt, "max_tokens": max_tokens}))
+    await until(http, sim, lambda st: st["requests_running"] == 1)
+    return req
+
+
 async def test_requests_are_held_while_asleep_not_rejected(sim_factory):  # noqa: F811
     sim = sim_factory("held")
     async with aiohttp.ClientSession() as http:
@@ -187,9 +188,7 @@ async def test_requests_are_held_while_asleep_not_rejected(sim_factory):  # noqa
 async def test_sleep_abort_ends_in_flight_requests_with_finish_reason_abort(sim_factory):  # noqa: F811
     sim = sim_factory("abort", env={"LLMUX_SIM_TOKENS_PER_S": "100"})
     async with aiohttp.ClientSession() as http:
-        long = asyncio.ensure_future(post_json(
-            http, sim.url("/v1/completions"), {"prompt": "long", "max_tokens": 2000}))
-        await until(http, sim, lambda st: st["requests_running"] == 1)
+        long = await running_completion(http, sim, "long", 2000)
         assert (await post_json(http, sim.url("/sleep?level=1&mode=abort")))[0] == 200
         status, data = await asyncio.wait_for(long, 60)
         assert status == 200
@@ -211,9 +210,7 @@ async def test_sleep_abort_ends_a_stream_cleanly(sim_factory):  # noqa: F811
 async def test_sleep_keep_freezes_requests_until_wake(sim_factory):  # noqa: F811
     sim = sim_factory("keep", env={"LLMUX_SIM_TOKENS_PER_S": "50"})
     async with aiohttp.ClientSession() as http:
-        req = asyncio.ensure_future(post_json(
-            http, sim.url("/v1/completions"), {"prompt": "keep me", "max_tokens": 200}))
-        await until(http, sim, lambda st: st["requests_running"] == 1)
+        req = await running_completion(http, sim, "keep me", 200)
         assert (await post_json(http, sim.url("/sleep?level=1&mode=keep")))[0] == 200
         st = await astate(http, sim)
         assert st["requests_running"] == 1 and st["is_sleeping"]
@@ -227,9 +224,7 @@ async def test_sleep_keep_freezes_requests_until_wake(sim_factory):  # noqa: F81
 async def test_sleep_wait_blocks_until_in_flight_requests_finish(sim_factory):  # noqa: F811
     sim = sim_factory("wait", env={"LLMUX_SIM_TOKENS_PER_S": "50"})
     async with aiohttp.ClientSession() as http:
-        req = asyncio.ensure_future(post_json(
-            http, sim.url("/v1/completions"), {"prompt": "wait for me", "max_tokens": 60}))
-        await until(http, sim, lambda st: st["requests_running"] == 1)
+        req = await running_completion(http, sim, "wait for me", 60)
         assert (await post_json(http, sim.url("/sleep?level=1&mode=wait")))[0] == 200
         st = await astate(http, sim)
         assert st["requests_running"] == 0 and st["requests_served"] == 1 and st["is_sleeping"]

@@ -45,6 +45,16 @@ async def rig(
     return switcher, backends, events
 
 
+async def acquire_held_in_start(switcher: Switcher, backends: FakeBackends, model: str = "a"
+                                ) -> Tuple[asyncio.Event, "asyncio.Future[Any]"]:
+    """An acquire of `model` waiting while its backend's start is held: (gate, waiter);
+    setting the gate lets the start finish."""
+    gate = backends.hold("start", model)
+    waiter = asyncio.ensure_future(switcher.acquire(model))
+    await backends.entered("start", model).wait()
+    return gate, waiter
+
+
 def finished(events: List[Any]) -> List[SwitchFinished]:
     return [e for e in events if isinstance(e, SwitchFinished)]
 
@@ -291,9 +301,7 @@ async def test_request_timeout_bounds_the_triggering_request_but_not_the_switch(
 @virtual
 async def test_cancelled_waiter_never_cancels_the_switch():
     switcher, backends, _ = await rig()
-    gate = backends.hold("start", "a")
-    waiter = asyncio.ensure_future(switcher.acquire("a"))
-    await backends.entered("start", "a").wait()
+    gate, waiter = await acquire_held_in_start(switcher, backends)
     waiter.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiter
@@ -552,9 +560,7 @@ async def test_wait_estimate_and_learned_costs():
 @virtual
 async def test_close_answers_waiters_with_shutting_down():
     switcher, backends, _ = await rig()
-    backends.hold("start", "a")
-    waiter = asyncio.ensure_future(switcher.acquire("a"))
-    await backends.entered("start", "a").wait()
+    _, waiter = await acquire_held_in_start(switcher, backends)
     await switcher.close()
     with pytest.raises(ShuttingDown):
         await waiter
@@ -619,9 +625,7 @@ async def test_groups_switch_independently_and_in_parallel():
     switcher, backends, _ = await rig(
         {"a": {}, "b": {}, "c": {"gpu_group": "g2"}, "d": {"gpu_group": "g2"}}, groups={"g2": {}}
     )
-    gate = backends.hold("start", "a")
-    want_a = asyncio.ensure_future(switcher.acquire("a"))
-    await backends.entered("start", "a").wait()
+    gate, want_a = await acquire_held_in_start(switcher, backends)
     (await switcher.acquire("c")).release()  # g2 is not held up by g1's slow start
     (await switcher.acquire("d")).release()
     assert not want_a.done()
@@ -672,9 +676,7 @@ async def test_retain_keep_running_is_allowed_in_a_shared_budget():
 @virtual
 async def test_waiter_cancelled_after_its_lease_was_granted_gives_it_back():
     switcher, backends, _ = await rig()
-    gate = backends.hold("start", "a")
-    waiter = asyncio.ensure_future(switcher.acquire("a"))
-    await backends.entered("start", "a").wait()
+    gate, waiter = await acquire_held_in_start(switcher, backends)
     gate.set()
     await until_state(switcher, "a", "active")  # granted in the same step; waiter not yet resumed
     waiter.cancel()

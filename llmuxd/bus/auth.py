@@ -22,6 +22,7 @@ from typing import Any, Awaitable, Callable, Optional, Protocol
 from dbus_fast import DBusError, Message, MessageType, Variant
 from dbus_fast.service import ServiceInterface, method
 
+from llmuxd.bus.connection import call_bus_daemon
 from llmuxd.bus.errors import ACCESS_DENIED, INTERACTIVE_AUTH_REQUIRED, to_dbus_error
 from llmuxd.names import POLKIT_ACTION_PREFIX
 
@@ -107,16 +108,7 @@ class PolkitAuthorizer:
     async def uid_of(self, sender: str) -> int:
         uid = self._uids.get(sender)
         if uid is None:
-            reply = await self._bus.call(
-                Message(
-                    destination="org.freedesktop.DBus",
-                    path="/org/freedesktop/DBus",
-                    interface="org.freedesktop.DBus",
-                    member="GetConnectionUnixUser",
-                    signature="s",
-                    body=[sender],
-                )
-            )
+            reply = await call_bus_daemon(self._bus, "GetConnectionUnixUser", "s", [sender])
             if reply.message_type != MessageType.METHOD_RETURN:
                 raise DBusError(ACCESS_DENIED, f"cannot tell who {sender} is: {reply.body[0] if reply.body else reply.error_name}")
             uid = int(reply.body[0])

@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional
 from dbus_fast import Message, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
+from llmuxd.bus.connection import DBUS_NAME, call_bus_daemon
 from llmuxd.names import BUS_NAME, MANAGER_IFACE, MANAGER_PATH
 
 PROPERTIES_IFACE = "org.freedesktop.DBus.Properties"
@@ -44,6 +45,14 @@ def unwrap(value: Any) -> Any:
     return value
 
 
+def llmux_call(member: str, signature: str = "", body: Optional[list] = None, *,
+               path: str = MANAGER_PATH, interface: str = MANAGER_IFACE,
+               flags: MessageFlag = MessageFlag.NONE) -> Message:
+    """A method call to the llmux service (its Manager unless `path`/`interface` say otherwise)."""
+    return Message(destination=BUS_NAME, path=path, interface=interface, member=member,
+                   signature=signature, body=body or [], flags=flags)
+
+
 class LLMuxClient:
     def __init__(self, bus: MessageBus, *, interactive: bool = False) -> None:
         self.bus = bus
@@ -59,16 +68,7 @@ class LLMuxClient:
         interface: str = MANAGER_IFACE,
     ) -> list:
         reply = await self.bus.call(
-            Message(
-                destination=BUS_NAME,
-                path=path,
-                interface=interface,
-                member=member,
-                signature=signature,
-                body=body or [],
-                flags=self.flags,
-            )
-        )
+            llmux_call(member, signature, body, path=path, interface=interface, flags=self.flags))
         if reply.message_type == MessageType.ERROR:
             text = reply.body[0] if reply.body and isinstance(reply.body[0], str) else reply.error_name
             raise BusCallError(reply.error_name or "", " ".join(str(text).split()))
@@ -87,7 +87,7 @@ class LLMuxClient:
         calling, so that nothing between the call and its reply is missed)."""
 
         def handler(msg: Message) -> None:
-            if msg.message_type == MessageType.SIGNAL and msg.interface != "org.freedesktop.DBus":
+            if msg.message_type == MessageType.SIGNAL and msg.interface != DBUS_NAME:
                 on_signal(msg)
             return None
 
@@ -95,15 +95,6 @@ class LLMuxClient:
         await self._add_match(f"type='signal',sender='{BUS_NAME}',path_namespace='{MANAGER_PATH}'")
 
     async def _add_match(self, rule: str) -> None:
-        reply = await self.bus.call(
-            Message(
-                destination="org.freedesktop.DBus",
-                path="/org/freedesktop/DBus",
-                interface="org.freedesktop.DBus",
-                member="AddMatch",
-                signature="s",
-                body=[rule],
-            )
-        )
+        reply = await call_bus_daemon(self.bus, "AddMatch", "s", [rule])
         if reply.message_type == MessageType.ERROR:
             raise BusCallError(reply.error_name or "", str(reply.body[0] if reply.body else ""))

@@ -14,10 +14,14 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional
 
-from dbus_fast import BusType
+from dbus_fast import BusType, Message
 from dbus_fast.aio import MessageBus
 
 log = logging.getLogger(__name__)
+
+#: the message bus itself: its well-known name (also its interface) and object path
+DBUS_NAME = "org.freedesktop.DBus"
+DBUS_PATH = "/org/freedesktop/DBus"
 
 
 class _EagainSafeSocket:
@@ -56,3 +60,11 @@ async def open_bus(*, system: bool = True, address: Optional[str] = None) -> Mes
     bus_type = BusType.SYSTEM if system else BusType.SESSION
     bus = await MessageBus(bus_address=address, bus_type=bus_type).connect()
     return harden(bus)
+
+
+async def call_bus_daemon(bus: MessageBus, member: str, signature: str = "",
+                          body: Optional[list] = None) -> Message:
+    """Call `member` (AddMatch, NameHasOwner, GetConnectionUnixUser, ...) on the message bus
+    itself; the reply, an error or not, is the caller's to judge (each wants its own error)."""
+    return await bus.call(Message(destination=DBUS_NAME, path=DBUS_PATH, interface=DBUS_NAME,
+                                  member=member, signature=signature, body=body or []))

@@ -30,7 +30,7 @@ from llmuxd.bus.auth import (
     caller_of,
     current_caller,
 )
-from llmuxd.bus.connection import harden
+from llmuxd.bus.connection import DBUS_NAME, call_bus_daemon, harden
 from llmuxd.bus.errors import (
     INVALID_ARGS,
     UNKNOWN_METHOD,
@@ -62,8 +62,6 @@ UINT64_MAX = 2**64 - 1
 MAX_WAIT_S = 86400.0
 MODES = ("auto", "manual")
 
-DBUS_NAME = "org.freedesktop.DBus"
-DBUS_PATH = "/org/freedesktop/DBus"
 OBJECT_MANAGER_IFACE = "org.freedesktop.DBus.ObjectManager"
 NAME_OWNER_CHANGED_RULE = (
     "type='signal',sender='org.freedesktop.DBus',interface='org.freedesktop.DBus',"
@@ -348,7 +346,7 @@ class LLMuxService:
     async def start(self) -> None:
         harden(self.bus)
         self.bus.add_message_handler(self._on_message)
-        await self._dbus_call("AddMatch", "s", [NAME_OWNER_CHANGED_RULE])
+        await call_bus_daemon(self.bus, "AddMatch", "s", [NAME_OWNER_CHANGED_RULE])
         status = self.switcher.status()
         self.manager_cache = self._manager_props(status)
         self.bus.export(MANAGER_PATH, self.manager)
@@ -634,21 +632,8 @@ class LLMuxService:
 
     # -- bus plumbing ------------------------------------------------------
 
-    async def _dbus_call(self, member: str, signature: str, body: list) -> Message:
-        reply = await self.bus.call(
-            Message(
-                destination=DBUS_NAME,
-                path=DBUS_PATH,
-                interface=DBUS_NAME,
-                member=member,
-                signature=signature,
-                body=body,
-            )
-        )
-        return reply
-
     async def _has_owner(self, name: str) -> bool:
-        reply = await self._dbus_call("NameHasOwner", "s", [name])
+        reply = await call_bus_daemon(self.bus, "NameHasOwner", "s", [name])
         return reply.message_type == MessageType.METHOD_RETURN and bool(reply.body[0])
 
     def _client_left(self, unique_name: str) -> None:

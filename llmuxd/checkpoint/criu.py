@@ -17,13 +17,14 @@ What works on these machines (CRIU 4.2; shared testbed, sysd-test-checks.sh):
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
+
+from llmuxd.checkpoint.command import run_tool
 
 log = logging.getLogger("llmuxd.checkpoint.criu")
 
@@ -107,18 +108,12 @@ class Criu:
 
     async def _run(self, argv: Sequence[str], timeout: float) -> tuple[int, str]:
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *self.command_prefix, *argv, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL)
+            result = await run_tool([*self.command_prefix, *argv], timeout)
         except OSError as exc:
             return 127, f"cannot run {argv[0]!r}: {exc.strerror or exc}"
-        try:
-            out, _ = await asyncio.wait_for(proc.communicate(), timeout)
-        except asyncio.TimeoutError:
-            proc.kill()
-            await proc.wait()
+        if result is None:
             return 124, f"{argv[0]} {argv[1] if len(argv) > 1 else ''} gave no answer within {timeout:.0f}s"
-        return proc.returncode or 0, out.decode(errors="replace").strip()
+        return result
 
     async def check(self) -> str | None:
         """None when `criu check` passes here; otherwise why not, with the fix."""

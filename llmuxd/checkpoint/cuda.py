@@ -15,6 +15,7 @@ import logging
 import os
 from typing import Any, Awaitable, Callable, Sequence
 
+from llmuxd.checkpoint.command import run_tool
 from llmuxd.checkpoint.errors import CheckpointError
 
 log = logging.getLogger("llmuxd.checkpoint.cuda")
@@ -38,22 +39,13 @@ class CudaCheckpointTool:
         self.timeout = timeout
 
     async def _run(self, *args: str, timeout: float) -> tuple[int, str]:
-        argv = [*self.command_prefix, self.path, *args]
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-                stdin=asyncio.subprocess.DEVNULL)
+            result = await run_tool([*self.command_prefix, self.path, *args], timeout)
         except OSError as exc:
             raise FileNotFoundError(
                 f"cannot run {self.path!r}: {exc.strerror or exc}; install NVIDIA's cuda-checkpoint or set "
                 "checkpoint.cuda_checkpoint_path") from None
-        try:
-            out, _ = await asyncio.wait_for(proc.communicate(), timeout)
-        except asyncio.TimeoutError:
-            proc.kill()
-            await proc.wait()
-            return 124, f"no answer within {timeout:.0f}s"
-        return proc.returncode or 0, out.decode(errors="replace").strip()
+        return (124, f"no answer within {timeout:.0f}s") if result is None else result
 
     async def get_state(self, pid: int) -> str | None:
         """'running', 'checkpointed', 'locked', ... or None when the driver cannot

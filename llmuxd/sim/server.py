@@ -325,23 +325,27 @@ def _token_text(ids: list[Any]) -> str:
     return " ".join(f"t{t}" for t in ids)
 
 
-def _texts(value: Any, *, batches_of_ids: bool = False) -> list[str] | None:
-    """A `prompt` or `input` as a list of texts, or None when it has none of vLLM's shapes.
+def _texts(body: dict[str, Any], field: str, *, batches_of_ids: bool = False
+           ) -> tuple[list[str], web.Response | None]:
+    """The `prompt` or `input` (`field`) of a request as a list of texts, or vLLM's 400.
 
     A string, a list of strings, or a list of token ids (one text); embeddings also take a list
     of token-id lists (`batches_of_ids`, one text each).
     """
+    value = body.get(field)
+    if value is None:
+        return [], _missing(field)
     if isinstance(value, str):
-        return [value]
-    if not isinstance(value, list) or not value:
-        return None
-    if all(isinstance(x, str) for x in value):
-        return list(value)
-    if all(isinstance(x, int) for x in value):
-        return [_token_text(value)]
-    if batches_of_ids and all(isinstance(x, list) for x in value):
-        return [_token_text(x) for x in value]
-    return None
+        return [value], None
+    if isinstance(value, list) and value:
+        if all(isinstance(x, str) for x in value):
+            return list(value), None
+        if all(isinstance(x, int) for x in value):
+            return [_token_text(value)], None
+        if batches_of_ids and all(isinstance(x, list) for x in value):
+            return [_token_text(x) for x in value], None
+    ids = "token ids or lists of token ids" if batches_of_ids else "a list of token ids"
+    return [], bad_request(f"{field} must be a string, a list of strings or {ids}", field)
 
 
 def _missing(field: str) -> web.Response:
@@ -447,13 +451,9 @@ async def completions(request: web.Request) -> web.StreamResponse:
     core, body, model, err = await _inference_request(request)
     if err is not None:
         return err
-    prompt = body.get("prompt")
-    if prompt is None:
-        return _missing("prompt")
-    prompts = _texts(prompt)
-    if prompts is None:
-        return bad_request("prompt must be a string, a list of strings or a list of token ids",
-                           "prompt")
+    prompts, err = _texts(body, "prompt")
+    if err is not None:
+        return err
     params, err = _common_params(body)
     if err is not None:
         return err
@@ -600,12 +600,9 @@ async def embeddings(request: web.Request) -> web.Response:
     core, body, model, err = await _inference_request(request)
     if err is not None:
         return err
-    inp = body.get("input")
-    if inp is None:
-        return _missing("input")
-    texts = _texts(inp, batches_of_ids=True)
-    if texts is None:
-        return bad_request("input must be a string, a list of strings or token ids", "input")
+    texts, err = _texts(body, "input", batches_of_ids=True)
+    if err is not None:
+        return err
     # pass through the scheduler, so an embedding request is held while asleep
     err = _unavailable(core)
     if err is not None:
