@@ -14,7 +14,7 @@ Works on prometheus-client 0.16 (Debian 12) and current releases.
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -29,6 +29,8 @@ SWITCH_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 30
 #: label value for requests that never resolved to a configured model (400, 404):
 #: user input must not become a label value (unbounded cardinality)
 NO_MODEL = ""
+
+SLEEP_EFFECTIVENESS = "llmux_sleep_effectiveness_ratio"
 
 
 class Metrics:
@@ -95,6 +97,20 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.backend_exits = Counter(
+            "llmux_backend_exits_total",
+            "Backends that exited on their own (crash, OOM kill), not stopped by llmux",
+            ["model"],
+            registry=r,
+        )
+        self.sleep_effectiveness = Gauge(
+            SLEEP_EFFECTIVENESS,
+            "Fraction of its GPU memory the model's last sleep freed (verified eviction)",
+            ["model"],
+            registry=r,
+        )
+        #: set by the daemon: model -> last measured effectiveness (None: not measurable)
+        self.effectiveness_source: Callable[[], Mapping[str, float | None]] | None = None
 
     # -- requests -----------------------------------------------------------
 
@@ -127,6 +143,10 @@ class Metrics:
         except Exception:  # noqa: BLE001 - a metrics bug must not break a switch
             log.exception("metrics: could not record switch event %r", event)
 
+    def on_backend_exit(self, model: str, reason: str) -> None:
+        """Listener for `Backends.on_unexpected_exit`."""
+        self.backend_exits.labels(model).inc()
+
     def refresh(self, status: Any, models: Iterable[str]) -> None:
         """Set the per-model gauges from a `SwitcherStatus` (called at scrape)."""
         active = set(getattr(status, "active_models", ()) or ())
@@ -136,6 +156,10 @@ class Metrics:
             ms = per_model.get(name)
             self.in_flight.labels(name).set(getattr(ms, "in_flight", 0) or 0)
             self.queue_depth.labels(name).set(getattr(ms, "queue_depth", 0) or 0)
+        if self.effectiveness_source is not None:
+            for name, ratio in self.effectiveness_source().items():
+                if ratio is not None:
+                    self.sleep_effectiveness.labels(name).set(ratio)
 
     # -- exposition ---------------------------------------------------------
 

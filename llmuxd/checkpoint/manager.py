@@ -43,8 +43,6 @@ UNIT_GONE_TIMEOUT = 60.0
 #: tries (a quarter second apart) for the restore unit while the dumped one is collected
 UNIT_GONE_TIMEOUT_TRIES = 80
 ALLOC_CONF = "PYTORCH_CUDA_ALLOC_CONF"
-#: the Prometheus metric the front end exposes from `CheckpointManager.effectiveness`
-SLEEP_EFFECTIVENESS_METRIC = "llmux_sleep_effectiveness_ratio"
 
 UnsafeCallback = Callable[[str, str, str], None]
 

@@ -24,6 +24,7 @@ import socket
 from typing import Any, Callable
 
 from llmuxd.http import FrontEnd, HttpServer
+from llmuxd.eviction import STOP_EVICTION
 from llmuxd.lifecycle import BackendState
 from llmuxd.metrics import Metrics
 
@@ -78,6 +79,37 @@ def _log_switch(event: Any) -> None:
                   error=event.error)
 
 
+#: settings a backend is launched with: a change needs a fresh start of that backend
+LAUNCH_SETTINGS = ("model_path", "command", "port", "host", "extra_args", "env", "gpus",
+                   "user", "sleep_mode", "checkpoint_path", "gpu_group")
+#: how a backend whose launch settings changed is put away before it starts again
+RESTART_EVICTION = STOP_EVICTION
+
+
+def launch_settings_changed(old: Any, new: Any) -> list[str]:
+    """The launch settings that differ between two configs of one model."""
+    return [key for key in LAUNCH_SETTINGS if getattr(old, key, None) != getattr(new, key, None)]
+
+
+def attach_checkpoints(config: Any, orchestrator: Any, *, quarantine: dict,
+                       on_change: Callable[[], None] | None = None) -> Any:
+    """Install the checkpoint room on an orchestrator: cuda_suspend and CRIU
+    process steps, verified eviction, the post-wake canary. Unsafe-eviction
+    verdicts are kept in `quarantine` (system mode persists it in state.json;
+    `on_change` is called after each new verdict)."""
+    from llmuxd.checkpoint.canary import record_unsafe, unsafe_from_quarantine
+    from llmuxd.checkpoint.manager import CheckpointManager
+
+    def on_unsafe(model: str, eviction: str, reason: str) -> None:
+        record_unsafe(quarantine, model, eviction, reason)
+        if on_change is not None:
+            on_change()
+
+    manager = CheckpointManager(config, on_unsafe=on_unsafe).install(orchestrator)
+    manager.canary.load_unsafe(unsafe_from_quarantine(quarantine))
+    return manager
+
+
 class DaemonCore:
     """Switcher + metrics + front end over one `Backends`, from one config."""
 
@@ -89,14 +121,20 @@ class DaemonCore:
         listen: str | None = None,
         sockets: list[socket.socket] | None = None,
         switcher: Any = None,
+        checkpoints: Any = None,
     ):
         from llmuxd.switcher import Switcher  # late: keeps `llmuxd --help` light
 
         self.config = config
         self.backends = backends
+        self.checkpoints = checkpoints
         self.version = _version()
         self.switcher = switcher if switcher is not None else Switcher(config, backends)
         self.metrics = Metrics()
+        if hasattr(backends, "on_unexpected_exit"):
+            backends.on_unexpected_exit(self.metrics.on_backend_exit)
+        if checkpoints is not None:
+            self.metrics.effectiveness_source = lambda: checkpoints.effectiveness
         self.frontend = FrontEnd(config, self.switcher, self.metrics, version=self.version)
         self.app = self.frontend.make_app()
         self.http = HttpServer(self.app, listen=listen or config.listen, sockets=sockets)
@@ -146,9 +184,6 @@ class DaemonCore:
         stops removed ones) and the front end (request_timeout,
         max_body_bytes, /v1/models) take it. The listen address is not
         re-bound; changing it needs a restart."""
-        # one list of launch settings for both modes (system mode's reload uses it too)
-        from llmuxd.daemon.system import RESTART_EVICTION, launch_settings_changed
-
         old = self.config
         if getattr(old, "listen", None) != getattr(config, "listen", None):
             log.warning("listen changed from %s to %s: this takes a restart of llmuxd", old.listen, config.listen)
@@ -167,6 +202,9 @@ class DaemonCore:
         if backends_reload is not None:  # the orchestrator learns new models before the switcher asks
             await backends_reload(config)
         await self.switcher.reload(config)
+        if self.checkpoints is not None:
+            for name in self.checkpoints.reload(config):
+                log.info("model %s is no longer configured: its checkpoint images were deleted", name)
         self.config = config
         self.frontend.reload(config)
 
@@ -221,11 +259,16 @@ class EmbeddedDaemon:
         self.service: Any = None
         self.runtime = SubprocessRuntime()
         self.orchestrator = Orchestrator(config, self.runtime)
-        self.core = DaemonCore(config, self.orchestrator, listen=listen, sockets=sockets)
+        # verified eviction and the post-wake canary; verdicts live as long as the process
+        self.checkpoints = attach_checkpoints(config, self.orchestrator, quarantine={})
+        self.core = DaemonCore(config, self.orchestrator, listen=listen, sockets=sockets,
+                               checkpoints=self.checkpoints)
         self._reload_lock = asyncio.Lock()
 
     async def start(self) -> None:
         await self.runtime.connect()
+        for problem in await self.checkpoints.preflight():
+            log.warning("%s", problem)
         try:
             await self._export_bus()
             await self.core.start()

@@ -30,7 +30,7 @@ from llmuxd.daemon import journal
 from llmuxd.daemon.journal import log_event
 from llmuxd.daemon.notify import Notifier, format_status
 from llmuxd.daemon.state import DaemonState, StateStore
-from llmuxd.eviction import Eviction, ProcessStrategy, WeightStrategy
+from llmuxd.daemon.embedded import launch_settings_changed
 from llmuxd.lifecycle import BackendState
 
 log = logging.getLogger("llmuxd")
@@ -46,18 +46,6 @@ SHUTDOWN_DRAIN = 30.0
 HOUSEKEEPING_INTERVAL = 1.0
 #: the activation socket llmux.socket names (FileDescriptorName=)
 HTTP_FD_NAME = "http"
-#: settings a backend is launched with: a change needs a fresh start of that backend
-LAUNCH_SETTINGS = ("model_path", "command", "port", "host", "extra_args", "env", "gpus",
-                   "user", "sleep_mode", "checkpoint_path", "gpu_group")
-#: how a backend whose launch settings changed is put away before it starts again
-RESTART_EVICTION = Eviction(WeightStrategy.DISCARD, ProcessStrategy.STOP)
-
-
-def launch_settings_changed(old: Any, new: Any) -> list[str]:
-    """The launch settings that differ between two configs of one model."""
-    return [key for key in LAUNCH_SETTINGS if getattr(old, key, None) != getattr(new, key, None)]
-
-
 def status_line(status: Any, backend_state: Callable[[str], BackendState]) -> str:
     """STATUS= from the switcher's picture: 'active: qwen · 2 sleeping · 0 queued'."""
     sleeping = sum(
@@ -86,6 +74,7 @@ class SystemDaemon:
         self.core: Any = None
         self.bus: Any = None
         self.service: Any = None
+        self.checkpoints: Any = None
         self._quarantine: dict[str, dict[str, Any]] = {}
         self._reload_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task] = []
@@ -102,7 +91,7 @@ class SystemDaemon:
     async def start(self) -> None:
         """Everything up to READY=1. Raises ConfigError or RuntimeError-like
         errors whose message says what to fix."""
-        from llmuxd.daemon.embedded import DaemonCore
+        from llmuxd.daemon.embedded import DaemonCore, attach_checkpoints
         from llmuxd.http.listen import activation_sockets
         from llmuxd.orchestrator import Orchestrator
         from llmuxd.runtime.systemd import SystemdRuntime
@@ -125,6 +114,10 @@ class SystemDaemon:
         self.runtime = SystemdRuntime(bus_address=self.bus_address)
         await self.runtime.connect()
         self.orchestrator = Orchestrator(self.config, self.runtime)
+        self.checkpoints = attach_checkpoints(self.config, self.orchestrator, quarantine=self._quarantine,
+                                              on_change=self._save_state)
+        for problem in await self.checkpoints.preflight():
+            log.warning("%s", problem)
 
         self.notifier.status("adopting running backends")
         adopted = await self.orchestrator.adopt()
@@ -133,8 +126,11 @@ class SystemDaemon:
                       len(adopted), ", ".join(f"{m} ({s.value})" for m, s in sorted(adopted.items())),
                       models=",".join(sorted(adopted)))
 
+        self.checkpoints.mark_lazy(self.orchestrator)  # images on disk: first request restores
+
         sockets = self._activation_sockets(activation_sockets())
-        self.core = DaemonCore(self.config, self.orchestrator, sockets=sockets or None)
+        self.core = DaemonCore(self.config, self.orchestrator, sockets=sockets or None,
+                               checkpoints=self.checkpoints)
         self.core.http.shutdown_timeout = SHUTDOWN_DRAIN
         switcher = self.core.switcher
         self._unsubscribe = switcher.subscribe(self._on_event)
@@ -292,29 +288,18 @@ class SystemDaemon:
 
     async def _apply_config(self, new: Any) -> None:
         old = self.config
-        switcher = self.core.switcher
-        for key in ("listen", "state_dir"):
-            if getattr(old, key) != getattr(new, key):
-                log.warning("%s changed from %s to %s: this takes a restart of llmuxd "
-                            "(and for listen, an edit of llmux.socket)", key, getattr(old, key), getattr(new, key))
+        if old.state_dir != new.state_dir:
+            log.warning("state_dir changed from %s to %s: this takes a restart of llmuxd",
+                        old.state_dir, new.state_dir)
         added = [m for m in new.models if m not in old.models]
         removed = [m for m in old.models if m not in new.models]
         changed = {m: launch_settings_changed(old.models[m], new.models[m])
                    for m in new.models if m in old.models}
         changed = {m: keys for m, keys in changed.items() if keys}
-        # Backends launched with settings that changed go away first, through
-        # the switcher when awake (drained); they start again on demand.
-        for model, keys in changed.items():
-            log.info("model %s: %s changed; its backend restarts on its next request", model, ", ".join(keys))
-            if switcher.status().models[model].state != "asleep":
-                await switcher.sleep_model(model, RESTART_EVICTION)
-            elif self.orchestrator.state(model) not in (BackendState.NOT_STARTED, BackendState.STOPPED):
-                await self.orchestrator.stop(model)
-        await self.orchestrator.reload(new)
-        await switcher.reload(new)  # adds, drains and stops removed, keeps the rest as they are
+        # the same reload as embedded mode: changed backends restart on demand,
+        # removed ones are drained and stopped, the front end takes new limits
+        await self.core.reload(new)
         self.config = new
-        self.core.config = new
-        self.core.frontend.config = new
         self._save_state()
         log_event(log, journal.EVENT_RELOAD_FINISHED, "reloaded %s: %d models (added: %s; removed: %s; "
                   "restart on next request: %s)", self.config_path, len(new.models),
