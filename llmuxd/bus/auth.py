@@ -42,6 +42,10 @@ _POLKIT_ABSENT = {
     "org.freedesktop.DBus.Error.NameHasNoOwner",
     "org.freedesktop.DBus.Error.Spawn.ServiceNotFound",
     "org.freedesktop.DBus.Error.Spawn.ChildExited",
+    # polkitd's activation file is installed but its unit is not (containers,
+    # a masked polkit.service): dbus-daemon passes on systemd's answer
+    "org.freedesktop.systemd1.NoSuchUnit",
+    "org.freedesktop.systemd1.UnitMasked",
 }
 
 ALLOW_INTERACTIVE_FLAG = 4  # MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION
