@@ -124,6 +124,23 @@ def write_config(
     """A YAML config for `models`, with a fresh GPU ledger of `capacity_mb`
     (big enough for every model awake at once, so only the switcher's
     discipline keeps one awake; the watcher checks that discipline)."""
+    data = config_data(tmp, models, capacity_mb=capacity_mb, policy=policy, **top)
+    path = tmp / "llmux.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def config_data(
+    tmp: Path,
+    models: Iterable[SimModel],
+    *,
+    capacity_mb: int = 81920,
+    policy: dict[str, Any] | None = None,
+    **top: Any,
+) -> dict[str, Any]:
+    """What `write_config` writes, as a dict; the GPU ledger and the
+    simulators' cache live under `tmp` (the simulators find the ledger
+    through their model's `env`, wherever the daemon runs)."""
     tmp.mkdir(parents=True, exist_ok=True)
     ledger = tmp / "gpu.json"
     ledger.write_text(json.dumps({"capacity_mb": capacity_mb, "reservations": {}}))
@@ -146,9 +163,7 @@ def write_config(
         "models": {m.name: m.to_config(ledger, cache) for m in models},
         **top,
     }
-    path = tmp / "llmux.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+    return data
 
 
 # --------------------------------------------------------------------------- daemon
@@ -350,6 +365,7 @@ class Outcome:
     elapsed: float = 0.0
     lost: bool = False
     abandoned: bool = False
+    started: float = 0.0  # time.monotonic() when it was sent
 
     def problems(self, allowed: frozenset[int]) -> list[str]:
         """What is wrong with this answer, by the suite's pass rule (empty: fine)."""
@@ -409,7 +425,7 @@ def _text_of(choice: dict[str, Any]) -> str:
 async def send(session: aiohttp.ClientSession, base: str, r: Req, deadline: float) -> Outcome:
     """Send one request and follow it to its end (or to `deadline` seconds)."""
     out = Outcome(r)
-    t0 = time.monotonic()
+    t0 = out.started = time.monotonic()
     try:
         if r.client == "openai":
             await asyncio.wait_for(_send_openai(base, r, out), deadline)
@@ -800,3 +816,80 @@ def stop_and_check(daemon: Daemon) -> None:
     assert daemon.ledger()["used_mb"] == 0, f"GPU memory still held: {daemon.ledger()}"
 
 
+
+
+# --------------------------------------------------------------------------- system mode
+
+
+class SystemdDaemon(Daemon):
+    """The same scenario target, as `llmuxd.service` under the project's test
+    systemd (tests/sysd) in system mode: the scenarios, the watcher and the
+    pass rule do not change, only how the daemon is started and stopped.
+
+    `svc` is tests/test_service.py's `ServiceBed` (units and bus policy from
+    the checkout, booted by its `boot_from_tree`). Why these choices:
+    - the daemon is started and restarted with systemctl inside the test bed
+      (Type=notify: `start` returns once it is ready);
+    - its HTTP address is llmux.socket's port (systemd holds the listening
+      socket, so connections made during a restart wait in its backlog);
+    - the GPU ledger lives under `tmp` (the test bed shares /tmp with the
+      host) and reaches the simulators, which run as transient units the
+      daemon starts, through each model's `env` in the config;
+    - its log is the journal of llmuxd.service.
+    """
+
+    def __init__(self, svc: Any, tmp: Path, models: Iterable[SimModel], **config: Any):
+        self.svc = svc
+        data = config_data(tmp, list(models), **config)
+        data.update(listen=f"127.0.0.1:{svc.port}", state_dir=svc.state_dir, user=svc.user)
+        path = svc.host_path(svc.config_file)
+        path.write_text(yaml.safe_dump(data))
+        super().__init__(path, tmp / "llmuxd.log")
+
+    def start(self) -> "SystemdDaemon":
+        result = self.svc.systemctl("enable", "--runtime", "--now", "llmux.socket", "llmuxd.service")
+        assert result.returncode == 0, f"systemctl enable --now failed: {result.stderr}\n{self.log()[-4000:]}"
+        return self.wait_ready()
+
+    def restart(self) -> None:
+        """`systemctl restart llmuxd.service`: returns once the new one is ready."""
+        result = self.svc.systemctl("restart", "llmuxd.service")
+        assert result.returncode == 0, f"systemctl restart failed: {result.stderr}\n{self.log()[-4000:]}"
+
+    def wait_ready(self) -> "SystemdDaemon":
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.svc.prop("llmuxd.service", "ActiveState") == "active":
+                try:
+                    if http(self.base + "/health", timeout=5)[0] == 200:
+                        return self
+                except OSError:
+                    pass
+            time.sleep(0.1)
+        raise AssertionError(f"llmuxd.service not ready in {START_TIMEOUT}s:\n{self.log()[-4000:]}")
+
+    def stop(self) -> int | None:
+        """`systemctl stop llmuxd.service`; the exit status of its main process
+        (0: it drained and exited cleanly). The backends stay running."""
+        result = self.svc.systemctl("stop", "llmuxd.service")
+        assert result.returncode == 0, f"systemctl stop failed: {result.stderr}"
+        return int(self.svc.prop("llmuxd.service", "ExecMainStatus") or 0)
+
+    def kill(self) -> None:
+        self.svc.systemctl("kill", "--kill-who=main", "--signal=SIGKILL", "llmuxd.service")
+
+    @property
+    def pid(self) -> int:
+        """MainPID of llmuxd.service (valid inside the test bed only)."""
+        return int(self.svc.prop("llmuxd.service", "MainPID") or 0)
+
+    def backend_pids(self) -> dict[str, int]:
+        """MainPID of each model's unit (0: not running)."""
+        return {name: self.svc.unit_pid(name) for name in self.config["models"]}
+
+    def log(self) -> str:
+        return self.svc.journal("-u", "llmuxd.service")[-20000:]
+
+    def stop_backends(self) -> None:
+        """Stop the models' units (system mode leaves them running on purpose)."""
+        self.svc.systemctl("stop", "llmux-model-*.service")
