@@ -252,7 +252,9 @@ def boot_from_tree() -> ServiceBed:
             "ExecStart=",
             f"ExecStart={venv_bin / 'llmuxd'} --config {svc.config_file}",
             f"ReadWritePaths={run_dir}",
+            # the checkout (and so the venv) may live under /home or /tmp (a CI clone)
             "ProtectHome=no",
+            "PrivateTmp=no",
         ])
         svc.host_path(svc.config_file).write_text(base_config(svc))
         install_bus_policy(bed, ROOT)
