@@ -346,6 +346,10 @@ class Orchestrator:
     async def _start(self, m: _Model) -> None:
         mc = m.config
         name = m.status.name
+        if m.handle is not None and not m.handle.exited.is_set():
+            # a stop cut short earlier (or one that failed): finish it first, so the
+            # old process frees the port and its GPU memory before a new one starts
+            await self._stop(m)
         check_port_free(name, mc.host, mc.port)
         state_dir = getattr(self.config, "state_dir", None)
         env = backend_env(mc)
@@ -355,8 +359,11 @@ class Orchestrator:
             model=name,
             argv=tuple(backend_argv(mc)),
             env=env,
-            # a missing state dir (embedded mode, tests) means "inherit ours"
-            working_directory=state_dir if state_dir and os.path.isdir(state_dir) else None,
+            # a missing state dir (embedded mode, tests) means "inherit ours"; so does
+            # one we may not enter (an ordinary user beside an installed llmux, whose
+            # /var/lib/llmux is 0750 llmux): chdir would fail every backend start
+            working_directory=state_dir if state_dir and os.path.isdir(state_dir)
+            and os.access(state_dir, os.X_OK) else None,
             user=mc.user or getattr(self.config, "user", None),
             gpus=tuple(mc.gpus),
             stop_timeout=self._stop_timeout,
@@ -488,6 +495,11 @@ class Orchestrator:
         except LLMuxError as exc:
             self._set(m, ModelPhase.FAILED, reason=str(exc))
             raise BackendError(m.status.name, "stop", exc.message) from None
+        except BaseException:
+            # cut short (a caller's timeout): the backend is on its way down and
+            # its exit will not be reported (stopping); it must not pass for awake
+            self._set(m, ModelPhase.FAILED, eviction=None, reason="stop interrupted; the backend may still be exiting")
+            raise
         self._set(m, ModelPhase.STOPPED, eviction=None)
         m.status.main_pid = None
 

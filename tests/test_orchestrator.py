@@ -238,6 +238,24 @@ async def test_a_backend_that_dies_later_is_reported(make):
     assert orch.state(model) is BackendState.FAILED and orch.status(model).reason == "backend exited with status 1"
 
 
+async def test_a_stop_cut_short_leaves_the_model_not_awake_and_the_next_wake_restarts_it(make):
+    """The switcher bounds a stop by its sleep timeout; a backend slower to exit
+    than that must not stay "ready" (requests forwarded to a dying port), and
+    the next wake must finish the stop and start a fresh backend."""
+    model = unique("slowstop")
+    orch = await make({model: {"env": {"LLMUX_SIM_TERM_HANG": "1"}}})  # exits only on SIGKILL (10 s)
+    await orch.ensure_awake(model)
+    old_pid = orch.status(model).main_pid
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(orch.stop(model), 0.5)
+    assert orch.state(model) is BackendState.FAILED
+    assert "stop interrupted" in orch.status(model).reason
+    await asyncio.wait_for(orch.ensure_awake(model), 120)
+    assert orch.state(model) is BackendState.READY
+    assert orch.status(model).main_pid not in (None, old_pid)
+    assert await answer(orch, model)  # the fresh backend answers (completion asserts a 200)
+
+
 async def test_a_missing_command_fails_at_start(make):
     model = unique("ghost")
     orch = await make({model: {"command": ["/nonexistent/vllm", "serve"]}})

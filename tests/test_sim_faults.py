@@ -198,3 +198,48 @@ def test_legacy_503_while_asleep(sim_factory):  # noqa: F811
     assert status == 503 and data["error"]["message"] == "Model is sleeping"
     sim.json("POST", "/wake_up")
     assert sim.answer()
+
+
+@pytest.fixture
+def read_only_fs(tmp_path, monkeypatch):
+    """`tmp_path` as llmuxd.service sees /tmp (ProtectSystem=strict): opening
+    for writing or creating anything there fails with EROFS, even for root."""
+    import errno
+
+    real_open, real_mkdir = os.open, os.mkdir
+    root = str(tmp_path)
+
+    def refuse(path) -> OSError:
+        return OSError(errno.EROFS, "Read-only file system", str(path))
+
+    def open_(path, flags, *args, **kwargs):
+        if str(path).startswith(root) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise refuse(path)
+        return real_open(path, flags, *args, **kwargs)
+
+    def mkdir(path, *args, **kwargs):
+        if str(path).startswith(root):
+            raise refuse(path)
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "mkdir", mkdir)
+
+
+EMPTY_LEDGER = {"capacity_mb": 81920, "used_mb": 0, "free_mb": 81920, "by_pid": {}, "models": {}}
+
+
+@pytest.mark.parametrize("written,expected", [
+    (True, {"capacity_mb": 1000, "used_mb": 600, "free_mb": 400, "by_pid": {1: 600}, "models": {1: "a"}}),
+    (False, EMPTY_LEDGER),  # no simulator has written one yet
+], ids=["ledger written by a simulator", "no ledger yet"])
+def test_reading_the_ledger_needs_no_write_access(tmp_path, request, written, expected):
+    """llmuxd's GPU probe reads the ledger (snapshot without pruning) from a
+    sandbox where it is read-only; a write there made every sleep fail."""
+    path = tmp_path / "gpu.json"
+    if written:
+        path.write_text(json.dumps({"capacity_mb": 1000, "reservations": {
+            "1": {"mb": 600, "model": "a", "ns": "pid:[1]", "start": 1, "updated": 0.0}}}))
+    request.getfixturevalue("read_only_fs")
+    assert GpuLedger(str(path)).snapshot(prune=False) == expected
+    assert path.exists() == written

@@ -83,14 +83,24 @@ class GpuLedger:
 
     @contextmanager
     def _locked(self, exclusive: bool) -> Iterator[tuple[Any, dict[str, Any]]]:
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            if os.fstat(fd).st_size == 0:
-                os.fchmod(fd, 0o666)  # simulators may run as other users (User= of their unit)
-        except OSError:
-            pass
-        with os.fdopen(fd, "r+") as f:
+        """The ledger's data under flock. Shared (read-only) access opens the
+        file read-only and never creates it: a reader such as llmuxd's GPU
+        probe may run where the ledger's directory is read-only to it
+        (llmuxd.service has ProtectSystem=strict); a missing ledger reads as empty."""
+        if exclusive:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                if os.fstat(fd).st_size == 0:
+                    os.fchmod(fd, 0o666)  # simulators may run as other users (User= of their unit)
+            except OSError:
+                pass
+        else:
+            try:
+                fd = os.open(self.path, os.O_RDONLY)
+            except FileNotFoundError:
+                fd = os.open(os.devnull, os.O_RDONLY)
+        with os.fdopen(fd, "r+" if exclusive else "r") as f:
             fcntl.flock(f, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
             raw = f.read()
             try:
@@ -153,7 +163,8 @@ class GpuLedger:
         self.reserve(0, pid=pid)
 
     def snapshot(self, prune: bool = True) -> dict[str, Any]:
-        """`{capacity_mb, used_mb, free_mb, by_pid: {pid: mb}, models: {pid: model}}`."""
+        """`{capacity_mb, used_mb, free_mb, by_pid: {pid: mb}, models: {pid: model}}`.
+        `prune=False` only reads (read access to the file is enough)."""
         with self._locked(exclusive=prune) as (f, data):
             if prune and self._prune(data):
                 self._write(f, data)
