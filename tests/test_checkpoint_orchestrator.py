@@ -267,3 +267,10 @@ def test_reload_deletes_the_images_of_removed_models(tmp_path):
         manager.catalogue.stage(name)
     assert manager.reload(config("a")) == ["b"]
     assert manager.catalogue.models() == ["a"]
+
+
+async def test_an_unreadable_ledger_reads_as_cannot_tell(tmp_path):
+    """Verified eviction must not turn a probe that cannot read into a failed sleep."""
+    from llmuxd.checkpoint.gpu_probe import LedgerProbe
+
+    assert await LedgerProbe(str(tmp_path)).usage_mb([1]) is None  # a directory, not a ledger

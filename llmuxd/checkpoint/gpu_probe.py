@@ -51,7 +51,11 @@ class LedgerProbe:
 
         # prune=False: entries of simulators in another PID namespace (the test
         # systemd) must be read as they are, not judged from here
-        snapshot = await asyncio.to_thread(GpuLedger(self.path).snapshot, False)
+        try:
+            snapshot = await asyncio.to_thread(GpuLedger(self.path).snapshot, False)
+        except (OSError, ValueError) as exc:  # unreadable: "cannot tell", never a failed sleep
+            log.warning("GPU ledger %s unreadable: %s", self.path, exc)
+            return None
         return sum(mb for pid, mb in snapshot["by_pid"].items() if pid in set(pids))
 
 
