@@ -286,7 +286,8 @@ class PrivateBus:
     def start_polkit(self) -> None:
         """dbusmock's polkitd template, with CheckAuthorization extended to
         answer is_challenge for actions named by SetChallenge (the template
-        itself never challenges) and to record the flags it was given."""
+        itself never challenges), to record the flags it was given, and to
+        authorize the test runner's own uid (see the comment in the code)."""
         env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=self.address)
         self.polkit = subprocess.Popen(
             [sys.executable, "-m", "dbusmock", "--system", "--template", "polkitd"],
@@ -305,6 +306,12 @@ class PrivateBus:
                 "action = args[1]; flags = int(args[3])\n"
                 "self.seen = getattr(self, 'seen', []) + [(action, flags)]\n"
                 "allowed = action in self.allowed or self.allow_unknown\n"
+                # the runner is the administrator: as root the daemon never asks
+                # polkit; as an ordinary user the mock grants the runner's own uid
+                # (as an admin rule would), so the same tests run; other uids
+                # ('nobody' in test_bus_auth, root only) still get the table above
+                "subject = args[0][1].get('name')\n"
+                "if subject and self.connection.get_unix_user(subject) == __import__('os').geteuid(): allowed = True\n"
                 "challenge = action in getattr(self, 'challenge', [])\n"
                 "if challenge and flags & 1 and getattr(self, 'agent_says_yes', False): allowed = True\n"
                 "ret = (allowed, challenge and not allowed, {})",

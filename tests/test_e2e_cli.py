@@ -67,3 +67,28 @@ def test_tools_read_the_config_given_before_or_after_the_subcommand(tmp_path, ca
     missing = str(tmp_path / "absent.yaml")
     assert cli.main([a.replace("{cfg}", missing) for a in argv]) == 2
     assert f"{missing}: cannot read" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("soft, hard", [(256, None), (256, 512), (512, 512)])
+def test_run_lifts_the_open_file_limit_to_the_hard_one(soft, hard):
+    """`llmuxd run` as an ordinary user starts with a soft limit of 1024 files
+    (two sockets per proxied request): it lifts it so that hundreds of
+    concurrent requests do not fail with 'Too many open files'. Checked in a
+    child process, which may lower its limits without touching the tests'."""
+    import json
+    import subprocess
+
+    code = (
+        "import json, resource\n"
+        "from llmuxd.daemon.main import raise_open_file_limit\n"
+        f"soft, hard = {soft}, {hard}\n"
+        "hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1] if hard is None else hard\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))\n"
+        "raise_open_file_limit()\n"
+        "print(json.dumps(resource.getrlimit(resource.RLIMIT_NOFILE)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    soft_after, hard_after = json.loads(out)
+    assert soft_after == hard_after
+    if hard is not None:
+        assert hard_after == hard

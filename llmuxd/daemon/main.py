@@ -22,6 +22,7 @@ from typing import Any, Callable, List, Optional
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+OPEN_FILES_WITHOUT_HARD_LIMIT = 1 << 20  # the kernel's default fs.nr_open
 
 
 def _add_log_level(parser: argparse.ArgumentParser) -> None:
@@ -87,8 +88,25 @@ def _load(path: str, dropin_dir: Optional[str]) -> Any:
         return None
 
 
+def raise_open_file_limit() -> None:
+    """Lift the soft RLIMIT_NOFILE to the hard one. Every proxied request holds
+    two sockets (client and backend), and an ordinary user's soft limit is
+    usually 1024, so a few hundred concurrent requests would fail with 'Too
+    many open files' in embedded mode (system mode's unit sets LimitNOFILE)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = OPEN_FILES_WITHOUT_HARD_LIMIT if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            pass  # keep the soft limit: only very many concurrent requests need more
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
+    raise_open_file_limit()
     config = _load(args.config, args.dropin_dir)
     if config is None:
         return 1
