@@ -92,6 +92,24 @@ def daemon_env() -> dict[str, str]:
             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
 
 
+def wait_healthy(proc: subprocess.Popen, base: str, log: Callable[[], str],
+                 timeout: float = START_TIMEOUT) -> None:
+    """Return once `base`/health answers 200; AssertionError with the log if the
+    daemon exits first or is not ready within `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"llmuxd exited {proc.returncode}:\n{log()}")
+        try:
+            with urllib.request.urlopen(base + "/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"llmuxd not ready in {timeout}s:\n{log()}")
+
+
 def wait_until(what: str, predicate: Callable[[], T], timeout: float = WAIT) -> T:
     """The first truthy value of `predicate()`, polled until `timeout` (then AssertionError)."""
     deadline = time.monotonic() + timeout
@@ -128,17 +146,8 @@ class DaemonProcess:
 
     def wait_ready(self):
         """Self, once /health answers 200; AssertionError with the log if it exits or times out."""
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"llmuxd exited {self.proc.returncode}:\n{self.log()}")
-            try:
-                if http_json(self.base + "/health", timeout=2)[0] == 200:
-                    return self
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"llmuxd not ready in {START_TIMEOUT}s:\n{self.log()}")
+        wait_healthy(self.proc, self.base, self.log)
+        return self
 
     def wait_exit(self) -> int:
         """The exit status of a daemon expected to exit by itself."""

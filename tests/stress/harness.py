@@ -43,6 +43,8 @@ import yaml
 
 from llmuxd.sim.ledger import GpuLedger
 
+from daemon_process import daemon_env, wait_healthy  # noqa: E402  (tests/ is on sys.path)
+
 BIN = Path(sys.executable).parent
 #: the source tree under test: the daemon and its backends import llmuxd from here
 REPO = Path(__file__).resolve().parents[2]
@@ -180,14 +182,6 @@ def http(url: str, data: bytes | None = None, timeout: float = 30.0,
         return err.code, dict(err.headers), err.read()
 
 
-def daemon_env() -> dict[str, str]:
-    """Our environment, with this venv first on PATH and the source tree first
-    on PYTHONPATH (so a stray system-wide `llmuxd` cannot shadow it)."""
-    path = os.environ.get("PYTHONPATH", "")
-    return {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
-            "PYTHONPATH": f"{REPO}:{path}" if path else str(REPO)}
-
-
 class Daemon:
     """`llmuxd run` as a real process; its log goes to a file."""
 
@@ -215,17 +209,8 @@ class Daemon:
 
     def wait_ready(self) -> "Daemon":
         assert self.proc is not None
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"llmuxd exited {self.proc.returncode}:\n{self.log()[-4000:]}")
-            try:
-                if http(self.base + "/health", timeout=2)[0] == 200:
-                    return self
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"llmuxd not ready in {START_TIMEOUT}s:\n{self.log()[-4000:]}")
+        wait_healthy(self.proc, self.base, lambda: self.log()[-4000:], START_TIMEOUT)
+        return self
 
     def stop(self) -> int | None:
         """SIGTERM and wait (SIGKILL after a minute); the exit status."""
