@@ -110,6 +110,18 @@ def wait_healthy(proc: subprocess.Popen, base: str, log: Callable[[], str],
     raise AssertionError(f"llmuxd not ready in {timeout}s:\n{log()}")
 
 
+def stop_process(proc: subprocess.Popen, grace: float = 60) -> int:
+    """SIGTERM, wait `grace` seconds, then SIGKILL; the exit status (which then says so)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
 def wait_until(what: str, predicate: Callable[[], T], timeout: float = WAIT) -> T:
     """The first truthy value of `predicate()`, polled until `timeout` (then AssertionError)."""
     deadline = time.monotonic() + timeout
@@ -158,15 +170,9 @@ class DaemonProcess:
 
     def stop(self) -> int:
         """SIGTERM, then the exit status (SIGKILL after a minute: the status then says so)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        status = stop_process(self.proc)
         self._log.close()
-        return self.proc.returncode
+        return status
 
     def models(self) -> dict[str, Any]:
         """/v1/models as {name: its `llmux` block (state, queue_depth, in_flight, ...)}."""

@@ -93,6 +93,18 @@ class ServiceBed:
                                  f"llmuxd's journal:\n{self.journal('-u', 'llmuxd.service')[-6000:]}\n"
                                  f"dbus's journal:\n{self.journal('-u', 'dbus.service')[-2000:]}") from None
 
+    def enable_now(self) -> subprocess.CompletedProcess:
+        """`systemctl enable --runtime --now llmux.socket llmuxd.service`, which
+        returns once READY=1 arrived (Type=notify); AssertionError with the journal if not."""
+        result = self.systemctl("enable", "--runtime", "--now", "llmux.socket", "llmuxd.service")
+        assert result.returncode == 0, result.stderr + self.journal("-u", "llmuxd.service")
+        return result
+
+    def shut_down(self) -> None:
+        """Stop llmux's units, then the test systemd itself."""
+        self.systemctl("stop", "llmuxd.service", "llmux.socket")
+        self.bed.down()
+
     def prop(self, unit: str, name: str) -> str:
         return self.bed.unit_property(unit, name)
 
@@ -274,8 +286,7 @@ def svc():
     try:
         yield service
     finally:
-        service.systemctl("stop", "llmuxd.service", "llmux.socket")
-        service.bed.down()
+        service.shut_down()
 
 
 # --------------------------------------------------------------- scenarios
@@ -284,8 +295,7 @@ def svc():
 def test_enable_now_reaches_ready(svc):
     svc.write_model("alpha")
     svc.write_model("beta", env={"LLMUX_SIM_TOKENS_PER_S": "0", "LLMUX_SIM_SLEEP_TIME": "2"})
-    result = svc.systemctl("enable", "--runtime", "--now", "llmux.socket", "llmuxd.service")
-    assert result.returncode == 0, result.stderr + svc.journal("-u", "llmuxd.service")
+    svc.enable_now()
     # Type=notify: `start` returned, so READY=1 arrived
     assert svc.prop("llmuxd.service", "ActiveState") == "active"
     assert svc.status_text().startswith("active: "), svc.status_text()

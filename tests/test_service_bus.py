@@ -53,12 +53,10 @@ def bus_svc():
     try:
         for model in MODEL_PATHS:
             svc.write_model(model)
-        result = svc.systemctl("enable", "--runtime", "--now", "llmux.socket", "llmuxd.service")
-        assert result.returncode == 0, result.stderr + svc.journal("-u", "llmuxd.service")
+        svc.enable_now()
         yield svc
     finally:
-        svc.systemctl("stop", "llmuxd.service", "llmux.socket")
-        svc.bed.down()
+        svc.shut_down()
 
 
 @pytest.fixture(scope="module")

@@ -56,12 +56,10 @@ def svc(real_vllm_cache):
         config = yaml.safe_load(service.host_path(service.config_file).read_text())
         config["policy"]["request_timeout"] = REQUEST_TIMEOUT
         service.host_path(service.config_file).write_text(yaml.safe_dump(config))
-        result = service.systemctl("enable", "--runtime", "--now", "llmux.socket", "llmuxd.service")
-        assert result.returncode == 0, result.stderr + service.journal("-u", "llmuxd.service")
+        service.enable_now()
         yield service
     finally:
-        service.systemctl("stop", "llmuxd.service", "llmux.socket")
-        service.bed.down()
+        service.shut_down()
 
 
 @pytest.fixture(scope="module")

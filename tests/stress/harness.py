@@ -27,7 +27,6 @@ import asyncio
 import json
 import os
 import random
-import signal
 import socket
 import subprocess
 import sys
@@ -43,7 +42,7 @@ import yaml
 
 from llmuxd.sim.ledger import GpuLedger
 
-from daemon_process import daemon_env, wait_healthy  # noqa: E402  (tests/ is on sys.path)
+from daemon_process import daemon_env, stop_process, wait_healthy  # noqa: E402  (tests/ is on sys.path)
 
 BIN = Path(sys.executable).parent
 #: the source tree under test: the daemon and its backends import llmuxd from here
@@ -216,13 +215,7 @@ class Daemon:
         """SIGTERM and wait (SIGKILL after a minute); the exit status."""
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
@@ -832,8 +825,7 @@ class SystemdDaemon(Daemon):
         super().__init__(path, tmp / "llmuxd.log")
 
     def start(self) -> "SystemdDaemon":
-        result = self.svc.systemctl("enable", "--runtime", "--now", "llmux.socket", "llmuxd.service")
-        assert result.returncode == 0, f"systemctl enable --now failed: {result.stderr}\n{self.log()[-4000:]}"
+        self.svc.enable_now()
         return self.wait_ready()
 
     def restart(self) -> None:

@@ -74,8 +74,7 @@ def systemd_daemon(stress_tmp: Path):
         assert {m: svc.unit_pid(m) for m in backends} == backends
         daemon.stop_backends()
     finally:
-        svc.systemctl("stop", "llmuxd.service", "llmux.socket")
-        svc.bed.down()
+        svc.shut_down()
 
 
 def test_scenarios_cover_the_subset():
