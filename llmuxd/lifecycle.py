@@ -26,6 +26,22 @@ class BackendState(str, enum.Enum):
     FAILED = "failed"
 
 
+class ModelPhase(str, enum.Enum):
+    """Finer than BackendState: says *how* a model sleeps (frozen, checkpointed...)."""
+
+    NOT_STARTED = "not_started"
+    STARTING = "starting"
+    READY = "ready"
+    SLEEPING = "sleeping"  # vLLM sleep, process running
+    FROZEN = "frozen"  # process frozen (weights possibly slept first)
+    CHECKPOINTED = "checkpointed"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+    def __str__(self) -> str:
+        return self.value
+
+
 class Backends(Protocol):
     """Per-model lifecycle operations. Every method raises `BackendError`
     (model, phase, reason) on failure and leaves the model in a state

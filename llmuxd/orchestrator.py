@@ -17,7 +17,6 @@ cuda_suspend and checkpoint plug in later without touching the sequences.
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import os
 import time
@@ -27,7 +26,7 @@ from typing import Any, Callable, Protocol
 from llmuxd.engine.errors import BackendExited
 from llmuxd.errors import BackendError, LLMuxError, NotSupported, UnknownModel
 from llmuxd.eviction import Eviction, ProcessStrategy, WeightStrategy
-from llmuxd.lifecycle import BackendState
+from llmuxd.lifecycle import BackendState, ModelPhase  # ModelPhase re-exported: callers import it from here
 from llmuxd.runtime.base import ExitStatus, Handle, LaunchSpec, Runtime, RunState, check_port_free
 
 log = logging.getLogger("llmuxd.orchestrator")
@@ -94,22 +93,6 @@ def backend_env(model_config: Any) -> dict[str, str]:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(gpu) for gpu in model_config.gpus)
     env.update(model_config.env)
     return env
-
-
-class ModelPhase(str, enum.Enum):
-    """Finer than BackendState: says *how* a model sleeps (frozen, checkpointed...)."""
-
-    NOT_STARTED = "not_started"
-    STARTING = "starting"
-    READY = "ready"
-    SLEEPING = "sleeping"  # vLLM sleep, process running
-    FROZEN = "frozen"  # process frozen (weights possibly slept first)
-    CHECKPOINTED = "checkpointed"
-    STOPPED = "stopped"
-    FAILED = "failed"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 _BACKEND_STATE = {

@@ -29,7 +29,7 @@ from llmuxd.checkpoint.gpu_probe import GpuProbe, default_probe, driver_versions
 from llmuxd.errors import BackendError, LLMuxError, NotSupported
 from llmuxd.eviction import STOP_EVICTION, Eviction, ProcessStrategy, WeightStrategy
 from llmuxd.lifecycle import BackendState
-from llmuxd.orchestrator import ModelPhase
+from llmuxd.lifecycle import ModelPhase
 from llmuxd.runtime.base import LaunchSpec
 
 log = logging.getLogger("llmuxd.checkpoint")
