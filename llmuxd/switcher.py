@@ -44,6 +44,7 @@ from llmuxd.policies.base import AwakeModel, TickContext, WaitingModel
 from llmuxd.switching.control import Controls
 from llmuxd.switching.errors import InvalidMode, ShuttingDown  # noqa: F401 - re-exported
 from llmuxd.switching.phases import SwitchPhases
+from llmuxd.switching.planning import plan_victims, wait_estimate
 from llmuxd.switching.state import (
     GroupRuntime,
     GroupStatus,
@@ -64,10 +65,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-#: budget arithmetic tolerance (GiB) so that 10.1 + 19.9 fits in 30
-_BUDGET_EPS = 1e-6
-
 
 class Switcher(Controls, SwitchPhases):
     """State machine over the models of one config; see the module docstring."""
@@ -172,7 +169,7 @@ class Switcher(Controls, SwitchPhases):
         if m is not None and m.state is ModelState.ACTIVE:  # fast path: no await, no allocation but the lease
             m.in_flight += 1
             m.last_used = self._clock()
-            return Lease(self, m, self._backends.endpoint(model))
+            return Lease(self._release, m, self._backends.endpoint(model))
         return await self._acquire_slow(model, m, timeout)
 
     async def _acquire_slow(self, model: str, m: Optional[ModelRuntime], timeout: Optional[float]) -> Lease:
@@ -245,7 +242,7 @@ class Switcher(Controls, SwitchPhases):
                 continue
             m.in_flight += 1
             m.last_used = now
-            waiter.future.set_result(Lease(self, m, endpoint))
+            waiter.future.set_result(Lease(self._release, m, endpoint))
 
     def _fail_all(self, m: ModelRuntime, make_error: Callable[[], BaseException]) -> None:
         for waiter in list(m.queue):
@@ -338,30 +335,8 @@ class Switcher(Controls, SwitchPhases):
 
     # ------------------------------------------------------------------ budget
 
-    def _memory(self, g: GroupRuntime, m: ModelRuntime) -> float:
-        if g.budget_gib is None:
-            return math.inf
-        return m.memory_gib if m.memory_gib is not None else g.budget_gib
-
     def _plan_victims(self, g: GroupRuntime, target: ModelRuntime) -> List[ModelRuntime]:
-        """Which awake models must go so that `target` fits: none if it fits already;
-        otherwise idle before busy, the pinned one last, least recently used first."""
-        awake = [a for a in g.awake if a is not target]
-        if not awake:
-            return []
-        if g.budget_gib is None:
-            return awake
-        need = self._memory(g, target)
-        used = sum(self._memory(g, a) for a in awake)
-        if used + need <= g.budget_gib + _BUDGET_EPS:
-            return []
-        victims: List[ModelRuntime] = []
-        for a in sorted(awake, key=lambda a: (a.busy, a.name == self._pinned, a.last_used)):
-            victims.append(a)
-            used -= self._memory(g, a)
-            if used + need <= g.budget_gib + _BUDGET_EPS:
-                break
-        return victims
+        return plan_victims(g, target, self._pinned)
 
     # ------------------------------------------------------------------ workers
 
@@ -524,31 +499,7 @@ class Switcher(Controls, SwitchPhases):
         if m.state is ModelState.ACTIVE:
             return 0.0
         g = self._groups[m.group]
-        now = self._clock()
-        victims = self._plan_victims(g, m)
-        own = self._costs.estimate(victims[0].name if victims else None, m.name)
-        if g.switching is not None:
-            evicted, to = g.switching
-            elapsed = now - (g.switch_started_at or now)
-            if to == m.name:
-                return max(0.0, own - elapsed)
-            running = self._costs.estimate(evicted[0] if evicted else None, to) if to else 0.0
-            estimate = max(0.0, running - elapsed) + own
-        else:
-            estimate = own
-        ahead = list(g.wanted)
-        if m.name in ahead:
-            ahead = ahead[: ahead.index(m.name)]
-        for name in ahead:
-            estimate += self._costs.estimate(None, name) if name != m.name else 0.0
-        pc = self._config.policy
-        for v in victims:
-            if v.activated_at is not None:
-                estimate += max(0.0, v.activated_at + pc.min_active - now)
-                break
-        if g.last_failure is not None:
-            estimate += max(0.0, g.last_failure + pc.failure_backoff - now)
-        return estimate
+        return wait_estimate(g, m, self._plan_victims(g, m), self._costs, self._config.policy, self._clock())
 
     def _retry_after(self, m: ModelRuntime) -> float:
         return max(1.0, self._wait_estimate(m))

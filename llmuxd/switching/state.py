@@ -10,13 +10,10 @@ import asyncio
 import enum
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Deque, Dict, List, Optional, Tuple
+from typing import Callable, Deque, Dict, List, Optional, Tuple
 
 from llmuxd.events import SwitchEvent
 from llmuxd.eviction import Eviction
-
-if TYPE_CHECKING:  # pragma: no cover
-    from llmuxd.switcher import Switcher
 
 DEFAULT_GROUP = "default"
 Listener = Callable[[SwitchEvent], None]
@@ -126,13 +123,13 @@ class Lease:
     twice is harmless. Works as `with` and `async with`.
     """
 
-    __slots__ = ("model", "endpoint", "_runtime", "_switcher", "_released")
+    __slots__ = ("model", "endpoint", "_runtime", "_on_release", "_released")
 
-    def __init__(self, switcher: "Switcher", runtime: ModelRuntime, endpoint: str):
+    def __init__(self, on_release: Callable[[ModelRuntime], None], runtime: ModelRuntime, endpoint: str):
         self.model = runtime.name
         self.endpoint = endpoint
         self._runtime = runtime
-        self._switcher = switcher
+        self._on_release = on_release  # the switcher's bookkeeping (in-flight, drain)
         self._released = False
 
     @property
@@ -143,7 +140,7 @@ class Lease:
         if self._released:
             return
         self._released = True
-        self._switcher._release(self._runtime)
+        self._on_release(self._runtime)
 
     def __enter__(self) -> "Lease":
         return self
