@@ -28,6 +28,7 @@ from llmuxd.config.schema import (
     Config,
     GroupConfig,
     ModelConfig,
+    ObjectStoreConfig,
     PolicyConfig,
 )
 from llmuxd.config.values import (
@@ -40,7 +41,7 @@ from llmuxd.config.values import (
 )
 
 __all__ = [
-    "CheckpointConfig", "Config", "ConfigError", "ConfigIssue", "GroupConfig", "ModelConfig",
+    "CheckpointConfig", "Config", "ConfigError", "ConfigIssue", "GroupConfig", "ModelConfig", "ObjectStoreConfig",
     "PolicyConfig", "load_config", "parse_duration", "parse_listen", "parse_size",
     "tensor_parallel_size_from_args", "DEFAULT_CONFIG_PATH", "DEFAULT_GROUP", "DEFAULT_LISTEN",
     "DEFAULT_MAX_BODY_BYTES", "DEFAULT_PORT_RANGE", "DEFAULT_STATE_DIR", "DROPIN_DIRNAME",

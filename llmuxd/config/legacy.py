@@ -61,9 +61,6 @@ def translate_top_level(data: Dict[str, Any], raw: Mapping[str, Any], issues: Is
             default_command = [program, "serve"]
     if data.get("metrics_port") == 0 and not isinstance(data.get("metrics_port"), bool):
         data["metrics_port"] = None  # 0.7: 0 disables metrics
-    if isinstance(data.get("checkpoint"), dict) and "object_store" in data["checkpoint"]:
-        issues.add(("checkpoint", "object_store"), "object stores are not supported; remove it (images stay in images_dir)")
-        data["checkpoint"] = {k: v for k, v in data["checkpoint"].items() if k != "object_store"}
     return default_command
 
 

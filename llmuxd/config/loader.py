@@ -36,6 +36,7 @@ from llmuxd.config.schema import (
     Config,
     GroupConfig,
     ModelConfig,
+    ObjectStoreConfig,
     PolicyConfig,
 )
 from llmuxd.config.values import pyd, tensor_parallel_size_from_args
@@ -304,6 +305,8 @@ def _schema_at(loc: Tuple[Any, ...]) -> Optional[type]:
         return PolicyConfig
     if head == "checkpoint" and len(loc) == 2:
         return CheckpointConfig
+    if loc[:2] == ("checkpoint", "object_store") and len(loc) == 3:
+        return ObjectStoreConfig
     if head == "models" and len(loc) == 3:
         return ModelConfig
     if head == "groups" and len(loc) == 3:

@@ -46,6 +46,20 @@ class GroupConfig(StrictModel):
     budget_gib: Optional[PositiveNumber] = None
 
 
+class ObjectStoreConfig(StrictModel):
+    """An S3-compatible bucket that holds checkpoint images (llmux 0.7's
+    ``checkpoint.object_store``, plus ``prefix``). Credentials may be left
+    out here: they then come from systemd credentials (``LoadCredential=``)
+    or the usual AWS environment variables."""
+
+    endpoint: NonEmptyStr
+    bucket: NonEmptyStr
+    access_key: Optional[NonEmptyStr] = None
+    secret_key: Optional[NonEmptyStr] = None
+    region: NonEmptyStr = "us-east-1"
+    prefix: Str = ""
+
+
 class CheckpointConfig(StrictModel):
     """Where CRIU / cuda-checkpoint live and where images go (0.7's section)."""
 
@@ -55,6 +69,7 @@ class CheckpointConfig(StrictModel):
     cuda_checkpoint_path: NonEmptyStr = "cuda-checkpoint"
     keep_images: Bool = True
     quota_gib: Optional[PositiveNumber] = None
+    object_store: Optional[ObjectStoreConfig] = None
 
 
 class PolicyConfig(StrictModel):
