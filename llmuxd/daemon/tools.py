@@ -81,6 +81,15 @@ async def checkpoint_model(orchestrator: Any, manager: CheckpointManager, model:
     images = manager.images_for(orchestrator._get(model))
     print(f"{model}: checkpointed with {eviction} to {images} ({manifest.size_bytes / (1 << 20):.1f} MiB, "
           f"{len(manifest.checksums)} files)", file=out)
+    store = manager.store
+    if store is None:
+        return 0
+    await manager.wait_uploads()  # published before the tool exits
+    if model in store.upload_errors:
+        print(f"{model}: not uploaded: {store.upload_errors[model]}", file=out)
+        return 1
+    published = store.last_published[model]
+    print(f"{model}: uploaded to {store.url(model)} (generation {published.generation})", file=out)
     return 0
 
 
