@@ -377,3 +377,4 @@ async def test_no_published_image_is_a_clear_error(s3_server, bucket, tmp_path):
         await store.fetch(MODEL, tmp_path / "images" / MODEL)
     assert f"no checkpoint image of model '{MODEL}' under s3://{bucket}/hosts/a/{MODEL}/" in str(err.value)
     assert not isinstance(err.value, ChecksumMismatch) and not isinstance(err.value, CheckpointError)
+

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from llmuxd.checkpoint.catalogue import MANIFEST
 from llmuxd.checkpoint.store.client import ObjectStoreError, Timeouts, TransferCancelled, translate
 from llmuxd.checkpoint.store.layout import FileEntry, Layout, StoreManifest, new_generation, safe_relpath
 from llmuxd.checkpoint.store.progress import DOWNLOAD, UPLOAD, ProgressMeter, Reporter
@@ -202,12 +203,13 @@ def sha256_file(path: Path, chunk: int = MiB) -> str:
     return digest.hexdigest()
 
 
-def image_entries(images: Path, checksums: dict[str, str]) -> dict[str, FileEntry]:
-    """Size and SHA-256 of every file of an image set (the catalogue's checksums
-    where it has them: they were taken when the set was committed)."""
+def image_entries(images: Path, checksums: dict[str, str], extra: tuple[str, ...] = ()) -> dict[str, FileEntry]:
+    """Size and SHA-256 of the files of an image set: those its catalogue manifest
+    lists (checksummed when the set was committed), plus `extra` (the manifest
+    itself), hashed now. Files CRIU adds later (stats-restore) are not part of it."""
     entries = {}
-    for path in sorted(p for p in images.rglob("*") if p.is_file()):
-        rel = path.relative_to(images).as_posix()
+    for rel in sorted(set(checksums) | set(extra)):
+        path = images / rel
         entries[rel] = FileEntry(path.stat().st_size, checksums.get(rel) or sha256_file(path))
     return entries
 
@@ -239,14 +241,14 @@ def read_manifest(s: Session) -> StoreManifest | None:
 # -- upload -------------------------------------------------------------------
 
 def upload_image(s: Session, images: Path, identity: dict[str, Any], checksums: dict[str, str],
-                 orphans: set[str]) -> StoreManifest:
+                 orphans: set[str], extra: tuple[str, ...] = (MANIFEST,)) -> StoreManifest:
     """Publish the image set in `images` as a new generation and return its manifest.
 
     On failure the previous generation stays published; raises ObjectStoreError
     or TransferCancelled after trying to delete what was uploaded. `orphans`
     holds the generations whose deletion failed (the server was gone); they are
     deleted after the next publish, and the set is updated in place."""
-    entries = image_entries(images, checksums)
+    entries = image_entries(images, checksums, extra)
     previous = read_manifest(s)
     if previous is not None and previous.checksums() == {k: e.sha256 for k, e in entries.items()}:
         log.info("model %s: the image in %s is published already (generation %s)", s.layout.model,
