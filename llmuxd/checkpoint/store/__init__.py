@@ -51,6 +51,8 @@ T = TypeVar("T")
 
 #: seconds a closing daemon waits for uploads to notice they were cancelled
 CLOSE_WAIT = 5.0
+#: seconds the start-up check of the bucket may take
+CHECK_TIMEOUT = 20.0
 
 
 async def in_thread(fn: Callable[[], T], stop: threading.Event | None = None) -> T:
@@ -139,8 +141,9 @@ class ObjectStore:
 
     # -- operations -----------------------------------------------------------
 
-    async def check(self) -> str | None:
-        """None when the bucket answers with these credentials, else one line saying why not."""
+    async def check(self, timeout: float = CHECK_TIMEOUT) -> str | None:
+        """None when the bucket answers with these credentials within `timeout`,
+        else one line saying why not."""
         def head() -> None:
             s = self._session("-")
             try:
@@ -148,9 +151,11 @@ class ObjectStore:
             except Exception as exc:  # noqa: BLE001
                 raise translate(exc, where=self.where, operation="check the bucket", secrets=self._secrets) from None
         try:
-            await in_thread(head)
+            await asyncio.wait_for(in_thread(head), timeout)
         except ObjectStoreError as exc:
             return str(exc)
+        except asyncio.TimeoutError:
+            return f"object store {self.where}: no answer within {timeout:.0f}s; check the endpoint and the network"
         return None
 
     async def published(self, model: str) -> StoreManifest | None:
