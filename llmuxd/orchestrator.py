@@ -437,17 +437,26 @@ class Orchestrator:
         eviction = m.status.eviction
         assert eviction is not None and (m.handle is not None or m.status.phase is ModelPhase.CHECKPOINTED)
         fresh = False
+        timeout, limit = self._wake_limit(m)
         try:
-            fresh = await asyncio.wait_for(self._wake_steps(m, eviction), self._wake_timeout)
+            fresh = await asyncio.wait_for(self._wake_steps(m, eviction), timeout)
         except BackendError as exc:
             await self._fail_and_stop(m, "wake", exc.reason)
         except asyncio.TimeoutError:
-            await self._fail_and_stop(m, "wake", f"not awake within {self._wake_timeout:.0f}s (policy.wake_timeout)")
+            await self._fail_and_stop(m, "wake", f"not awake within {timeout:.0f}s ({limit})")
         except Exception as exc:  # noqa: BLE001
             await self._fail_and_stop(m, "wake", str(exc) or type(exc).__name__)
         await self._wait_ready(m, self._ready_timeout, "wake")
         for hook in self.hooks:
             await hook.after_wake(self, m, eviction, bool(fresh))  # post-wake canary
+
+    def _wake_limit(self, m: _Model) -> tuple[float, str]:
+        """The wake's time limit and its name. A checkpointed model may have to
+        download its image, restore it, or cold-start when that fails, so it gets
+        what a cold start gets (as the switcher allows it), not just wake_timeout."""
+        if m.status.phase is ModelPhase.CHECKPOINTED and m.config.startup_timeout > self._wake_timeout:
+            return m.config.startup_timeout, "startup_timeout of a checkpointed model"
+        return self._wake_timeout, "policy.wake_timeout"
 
     async def _wake_steps(self, m: _Model, eviction: Eviction) -> bool:
         """Process step back, then the weights: wake_up, reload after discard, reset the cache.

@@ -1,4 +1,4 @@
-"""Shared fixtures: the real test systemd (one per session) and the simulator.
+"""Shared fixtures: the real test systemd and the S3 server (one per session each), the simulator.
 
 Test modules import helpers as top-level modules (`from fakes import ...`,
 `from sim_fixtures import ...`): pytest puts tests/ on sys.path (rootdir
@@ -6,3 +6,4 @@ conftest, no tests/__init__.py).
 """
 
 from sysd.fixtures import real_systemd  # noqa: F401  (session fixture)
+from s3_server import fault_proxy, s3_server  # noqa: F401,E402  (moto_server, session fixture)

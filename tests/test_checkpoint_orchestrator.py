@@ -274,3 +274,39 @@ async def test_an_unreadable_ledger_reads_as_cannot_tell(tmp_path):
     from llmuxd.checkpoint.gpu_probe import LedgerProbe
 
     assert await LedgerProbe(str(tmp_path)).usage_mb([1]) is None  # a directory, not a ledger
+
+
+async def test_a_checkpointed_wake_gets_the_startup_timeout_not_just_wake_timeout(tmp_path):
+    """A checkpointed model's wake may download its image, restore it, or cold-start
+    when that fails: it is bounded by startup_timeout (as the switcher bounds it),
+    not by the shorter wake_timeout."""
+    from llmuxd.orchestrator import ModelPhase
+
+    class SlowRestore:  # a download that takes longer than wake_timeout, then a cold start
+        phase = ModelPhase.CHECKPOINTED
+
+        async def apply(self, orchestrator, m):
+            raise AssertionError("not used")
+
+        async def revert(self, orchestrator, m):
+            await asyncio.sleep(1.5)
+            await orchestrator._start(m)
+            return True
+
+    runtime = SubprocessRuntime()
+    await runtime.connect()
+    config = Config.from_dict({
+        "policy": {"wake_timeout": 1},
+        "checkpoint": {"images_dir": str(tmp_path / "images")},
+        "models": {"m": {"model_path": "/models/m", "command": SIM_COMMAND, "port": free_port(),
+                         "startup_timeout": 60, "eviction": "discard+checkpoint"}},
+    })
+    orch = Orchestrator(config, runtime, stop_timeout=10)
+    try:
+        orch.process_steps[Eviction.parse("discard+checkpoint").process] = SlowRestore()
+        orch._set(orch._get("m"), ModelPhase.CHECKPOINTED, eviction=Eviction.parse("discard+checkpoint"))
+        await orch.ensure_awake("m")
+        assert orch.state("m") is BackendState.READY, orch.status("m").reason
+    finally:
+        await orch.close()
+        await runtime.close()

@@ -58,19 +58,21 @@ async def make(tmp_path):
     made: list[Orchestrator] = []
 
     async def factory(bed, eviction: str, *, name: str | None = None, criu: str = CRIU, port: int | None = None,
-                      images: Path | None = None, **model: object) -> tuple[Orchestrator, CheckpointManager, str]:
+                      images: Path | None = None, object_store: dict | None = None, manager_kw: dict | None = None,
+                      **model: object) -> tuple[Orchestrator, CheckpointManager, str]:
         name = name or f"ck-{uuid.uuid4().hex[:6]}"
         runtime = SystemdRuntime(bus_address=bed.bus_address)
         await runtime.connect()
         env = {"LLMUX_SIM_WEIGHTS_MB": str(WEIGHTS_MB), "LLMUX_SIM_CACHE": str(tmp_path / "sim-cache")}
         config = Config.from_dict({
             "user": "root",
-            "checkpoint": {"criu_path": criu, "images_dir": str(images or tmp_path / "images")},
+            "checkpoint": {"criu_path": criu, "images_dir": str(images or tmp_path / "images"),
+                           **({"object_store": object_store} if object_store else {})},
             "models": {name: {"model_path": f"/models/{name}", "command": SIM_COMMAND, "port": port or free_port(),
                               "startup_timeout": 120, "eviction": eviction, **{"env": env, **model}}},
         })
         orch = Orchestrator(config, runtime, stop_timeout=10)
-        manager = CheckpointManager(config, command_prefix=prefix(bed)).install(orch)
+        manager = CheckpointManager(config, command_prefix=prefix(bed), **(manager_kw or {})).install(orch)
         made.append(orch)
         return orch, manager, name
 

@@ -177,15 +177,7 @@ class ImageCatalogue:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, staging / MANIFEST)
-            final = self.images_path(model)
-            old = self.model_dir(model) / OLD
-            if old.exists():
-                shutil.rmtree(old)
-            if final.exists():
-                os.replace(final, old)
-            os.replace(staging, final)
-            if old.exists():
-                shutil.rmtree(old, ignore_errors=True)
+            self._swap_in(model, staging)
         except OSError as exc:
             shutil.rmtree(staging, ignore_errors=True)
             raise CheckpointError(
@@ -195,6 +187,32 @@ class ImageCatalogue:
             ) from None
         log.info("model %s: image set stored (%.1f MiB, %d files)", model, manifest.size_bytes / (1 << 20),
                  len(manifest.checksums))
+        return manifest
+
+    def _swap_in(self, model: str, directory: Path) -> None:
+        """Make `directory` the model's image set (renames; the old set goes)."""
+        final = self.images_path(model)
+        old = self.model_dir(model) / OLD
+        if old.exists():
+            shutil.rmtree(old)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(directory, final)
+        if old.exists():
+            shutil.rmtree(old, ignore_errors=True)
+
+    def install(self, model: str, directory: Path) -> Manifest:
+        """Make a downloaded, verified image set (in the model's directory) its image set."""
+        manifest = self.read_manifest(directory)
+        if manifest is None:
+            raise ImageRejected(model, f"the downloaded image in {directory} has no readable manifest.json")
+        try:
+            self._swap_in(model, directory)
+        except OSError as exc:
+            raise CheckpointError(model, "restore", f"cannot put the downloaded image in place in "
+                                  f"{self.model_dir(model)}: {exc.strerror or exc}") from None
+        log.info("model %s: downloaded image set installed (%.1f MiB, %d files)", model,
+                 manifest.size_bytes / (1 << 20), len(manifest.checksums))
         return manifest
 
     def discard_staging(self, model: str) -> None:

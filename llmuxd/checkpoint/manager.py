@@ -17,12 +17,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
 from llmuxd.checkpoint import cuda as cuda_ops
 from llmuxd.checkpoint.canary import CANARY_MAX_TOKENS, CANARY_PROMPT, Canary, needs_canary
-from llmuxd.checkpoint.catalogue import ImageCatalogue, Manifest, checked_image_path, config_fields, config_hash
+from llmuxd.checkpoint.catalogue import (
+    MANIFEST,
+    ImageCatalogue,
+    Manifest,
+    checked_image_path,
+    config_fields,
+    config_hash,
+)
 from llmuxd.checkpoint.criu import CRIU_SAFE_ENV, Criu, ExternalSocket, log_errors, pid_taken_error, restore_argv
 from llmuxd.checkpoint.errors import CheckpointBusy, CheckpointError, ImageRejected
 from llmuxd.checkpoint.gpu_probe import GpuProbe, default_probe, driver_versions
@@ -42,6 +50,8 @@ SUSPENDED_RESIDUE_MB = 64
 UNIT_GONE_TIMEOUT = 60.0
 #: tries (a quarter second apart) for the restore unit while the dumped one is collected
 UNIT_GONE_TIMEOUT_TRIES = 80
+#: seconds the start-up look-up of published images may take (an unreachable store must not hold up the start)
+STORE_LOOKUP_TIMEOUT = 20.0
 ALLOC_CONF = "PYTORCH_CUDA_ALLOC_CONF"
 
 UnsafeCallback = Callable[[str, str, str], None]
@@ -72,11 +82,17 @@ class CheckpointManager:
 
     def __init__(self, config: Any, *, command_prefix: tuple[str, ...] | list[str] = (),
                  probe_factory: Callable[[dict[str, str]], GpuProbe] | None = None,
-                 on_unsafe: UnsafeCallback | None = None):
+                 on_unsafe: UnsafeCallback | None = None, store_settings: Any = None,
+                 report: Callable[[Any], None] | None = None):
         self.config = config
         cp = getattr(config, "checkpoint", None)
         self.checkpoint_config = cp
         self.catalogue = ImageCatalogue(cp.images_dir, cp.quota_gib) if cp is not None else None
+        self._store_settings, self._report = store_settings, report
+        #: checkpoint.object_store: images are uploaded after each dump, downloaded when missing here
+        self.store = self._make_store(cp)
+        #: model -> the generation its image was last downloaded from
+        self.downloaded: dict[str, str] = {}
         self.criu = Criu(cp.criu_path, command_prefix=command_prefix, libdir=cp.cuda_plugin_dir) if cp else None
         self.cuda = cuda_ops.CudaCheckpointTool(cp.cuda_checkpoint_path if cp else "cuda-checkpoint",
                                                 command_prefix=command_prefix)
@@ -92,6 +108,13 @@ class CheckpointManager:
         self._backend_versions: dict[str, str] = {}
         #: model -> how its last checkpointed wake went ("restored" or "cold-started instead: why")
         self.restore_outcome: dict[str, str] = {}
+
+    def _make_store(self, cp: Any) -> Any:
+        if cp is None or getattr(cp, "object_store", None) is None:
+            return None
+        from llmuxd.checkpoint.store import ObjectStore  # late: botocore only where configured
+
+        return ObjectStore(cp.object_store, settings=self._store_settings, report=self._report)
 
     # -- wiring -------------------------------------------------------------
 
@@ -116,6 +139,10 @@ class CheckpointManager:
         if ProcessStrategy.CUDA_SUSPEND in processes and not self.cuda_available:
             problems.append(f"cuda_suspend evictions will stop models instead: '{self.cuda.path}' not found; "
                             "install cuda-checkpoint or set checkpoint.cuda_checkpoint_path")
+        if self.store is not None:
+            reason = await self.store.check()
+            if reason:
+                problems.append(f"checkpoint images will not be uploaded or downloaded: {reason}")
         return problems
 
     def probe_for(self, m: Any) -> GpuProbe:
@@ -294,18 +321,136 @@ class CheckpointManager:
                      self.images_for(m))
         return marked
 
+    async def mark_lazy_from_store(self, orchestrator: Any) -> list[str]:
+        """Models with no image here whose published image fits their settings start
+        checkpointed: their first request downloads the image and restores it
+        (call after `mark_lazy`). An unreachable store only means cold starts."""
+        if self.store is None or self.catalogue is None:
+            return []
+        names = [name for name in orchestrator.config.models
+                 if orchestrator.state(name) is BackendState.NOT_STARTED and not self._has_local_image(
+                     orchestrator._get(name))]
+        if not names:
+            return []
+        try:
+            found = await asyncio.wait_for(asyncio.gather(*(self.store.published(n) for n in names),
+                                                          return_exceptions=True), STORE_LOOKUP_TIMEOUT)
+        except asyncio.TimeoutError:
+            log.warning("the object store %s did not answer within %.0fs; models without a local image "
+                        "cold-start", self.store.where, STORE_LOOKUP_TIMEOUT)
+            return []
+        marked = []
+        for name, remote in zip(names, found):
+            if isinstance(remote, BaseException):
+                log.warning("model %s: not restoring lazily from the object store: %s", name, remote)
+                continue
+            if remote is None:
+                continue
+            m = orchestrator._get(name)
+            if remote.config_hash != config_hash(m.config):
+                log.warning("model %s: the image published in %s was made with other settings; it cold-starts, "
+                            "and its next checkpoint replaces that image", name, self.store.url(name))
+                continue
+            try:
+                eviction = Eviction.parse(remote.eviction)
+            except ValueError:
+                eviction = Eviction(WeightStrategy.DISCARD, ProcessStrategy.CHECKPOINT)
+            orchestrator._set(m, ModelPhase.CHECKPOINTED, eviction=eviction)
+            marked.append(name)
+            log.info("model %s: starts checkpointed (image generation %s in %s); its first request downloads "
+                     "and restores it", name, remote.generation, self.store.url(name))
+        return marked
+
+    def _has_local_image(self, m: Any) -> bool:
+        assert self.catalogue is not None
+        if self.catalogue.has_image(m.status.name):
+            return True
+        path = getattr(m.config, "checkpoint_path", None)
+        return bool(path) and (checked_image_path(path, m.status.name) / MANIFEST).is_file()
+
+    async def ensure_local_image(self, orchestrator: Any, m: Any) -> bool:
+        """Download the published image when there is none here; True when it did.
+
+        The download goes to a directory of its own and is moved into place only
+        when every file matched its checksum: a failed one leaves the images
+        directory as it was (and the model cold-starts)."""
+        name = m.status.name
+        if self.store is None or self.catalogue is None or self._has_local_image(m):
+            return False
+        from llmuxd.checkpoint.store import ChecksumMismatch, ObjectStoreError
+
+        model_dir = self.catalogue.model_dir(name)
+        try:
+            remote, directory = await self.store.fetch(name, model_dir)
+        except ChecksumMismatch as exc:
+            raise ImageRejected(name, str(exc)) from None
+        except ObjectStoreError as exc:
+            raise CheckpointError(name, "restore", f"its image could not be downloaded: {exc}") from None
+        except OSError as exc:
+            raise CheckpointError(name, "restore", f"cannot write the downloaded image to {model_dir}: "
+                                  f"{exc.strerror or exc}; make images_dir writable and give it free space") from None
+        local = self.catalogue.read_manifest(directory)
+        expected = {k: v for k, v in remote.checksums().items() if k != MANIFEST}
+        if local is None or local.checksums != expected:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise ImageRejected(name, f"the image downloaded from {self.store.url(name)} (generation "
+                                      f"{remote.generation}) has a manifest.json that does not list its files; not used")
+        self.catalogue.install(name, directory)
+        self.downloaded[name] = remote.generation
+        self._gc(orchestrator, name)
+        return True
+
+    def upload_later(self, name: str) -> Any:
+        """Publish the model's committed image set in the background (None: no store)."""
+        if self.store is None or self.catalogue is None:
+            return None
+        manifest = self.catalogue.load(name)
+        if manifest is None:
+            return None
+        identity = {"config_hash": manifest.config_hash, "eviction": manifest.eviction, "created": manifest.created}
+        return self.store.publish_later(name, self.catalogue.images_path(name), identity, dict(manifest.checksums))
+
+    def cancel_upload(self, name: str) -> None:
+        if self.store is not None:
+            self.store.cancel_upload(name)
+
+    async def wait_uploads(self) -> None:
+        if self.store is not None:
+            await self.store.wait_uploads()
+
+    async def close(self) -> None:
+        """Daemon shutdown: stop background uploads (the previous images stay published)."""
+        if self.store is not None:
+            await self.store.close()
+
+    def _gc(self, orchestrator: Any, name: str) -> None:
+        assert self.catalogue is not None
+        removed = self.catalogue.gc(keep={name} | {other for other in orchestrator.config.models
+                                                   if orchestrator.state(other) is BackendState.CHECKPOINTED})
+        for other in removed:
+            self.cancel_upload(other)
+
     def clean_removed(self, config: Any) -> list[str]:
         """On reload: delete the images of models no longer configured."""
-        return self.catalogue.clean_removed(config.models) if self.catalogue is not None else []
+        if self.catalogue is None:
+            return []
+        for name in set(self.catalogue.models()) - set(config.models):
+            self.cancel_upload(name)
+        return self.catalogue.clean_removed(config.models)
 
     def reload(self, config: Any) -> list[str]:
         """Take a reloaded config (after `Orchestrator.reload`); returns the models whose
         images were deleted because they are no longer configured. Verdicts, baselines
         and measurements of the remaining models are kept."""
+        new_store_config = getattr(getattr(config, "checkpoint", None), "object_store", None)
+        keep_store = self.store is not None and new_store_config == self.store.config
         fresh = CheckpointManager(config, command_prefix=self.cuda.command_prefix, probe_factory=self._probe_factory,
-                                  on_unsafe=self.canary._on_unsafe)
+                                  on_unsafe=self.canary._on_unsafe, store_settings=self._store_settings,
+                                  report=self._report)
         self.config, self.checkpoint_config = config, fresh.checkpoint_config
         self.catalogue, self.criu, self.cuda, self.keep_images = fresh.catalogue, fresh.criu, fresh.cuda, fresh.keep_images
+        if not keep_store:  # uploads under way finish (or fail) on the old store; new ones use the new one
+            self.store = fresh.store
         return self.clean_removed(config)
 
 
@@ -365,6 +510,7 @@ class CheckpointStep:
         main_pid = handle.main_pid
         if _tp(m) > 1:
             await m.engine.collective_rpc("suspend_nccl")
+        self.manager.cancel_upload(name)  # that image is about to be replaced
         staging = catalogue.stage(name)
         await m.engine.close()  # llmux's own keep-alive connections must not be in the image
         externals = await criu.std_sockets(pids)
@@ -393,9 +539,11 @@ class CheckpointStep:
             canary=self.manager.canary.baselines.get(name),
         )
         catalogue.commit(name, staging, manifest)
-        catalogue.gc(keep={name} | {other for other in orchestrator.config.models
-                                    if orchestrator.state(other) is BackendState.CHECKPOINTED})
+        self.manager._gc(orchestrator, name)
         m.status.main_pid = None
+        # after the sleep, in the background: the model is evicted already and the
+        # switch goes on; a failed upload leaves the previous published image
+        self.manager.upload_later(name)
 
     async def revert(self, orchestrator: Any, m: Any) -> bool:
         """Restore; on any failure cold-start instead (and say so). True = cold-started."""
@@ -432,8 +580,12 @@ class CheckpointStep:
     async def _restore(self, orchestrator: Any, m: Any) -> None:
         name = m.status.name
         criu, catalogue = self._usable(orchestrator, name)
+        downloaded = await self.manager.ensure_local_image(orchestrator, m)
         images = self.manager.images_for(m)
-        manifest = catalogue.verify(name, m.config, images)
+        # a download was checked file by file against the store's manifest already
+        manifest = catalogue.verify(name, m.config, images, checksums=not downloaded)
+        if manifest.canary is not None:
+            self.manager.canary.baselines.setdefault(name, manifest.canary)
         driver, _ = await driver_versions()
         if manifest.driver_version and driver and manifest.driver_version != driver:
             raise ImageRejected(name, f"the image in {images} was made under GPU driver {manifest.driver_version}, "
@@ -469,5 +621,6 @@ class CheckpointStep:
         if _tp(m) > 1:
             await m.engine.collective_rpc("resume_nccl")
         if not self.manager.keep_images and images == catalogue.images_path(name):
+            self.manager.cancel_upload(name)
             catalogue.remove(name)
         log.info("model %s: restored from %s as %s (pid %s)", name, images, handle.name, handle.main_pid)

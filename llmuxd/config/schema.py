@@ -55,7 +55,7 @@ class ObjectStoreConfig(StrictModel):
     endpoint: NonEmptyStr
     bucket: NonEmptyStr
     access_key: Optional[NonEmptyStr] = None
-    secret_key: Optional[NonEmptyStr] = None
+    secret_key: Optional[NonEmptyStr] = pyd.Field(None, repr=False)  # never in a log line or a repr
     region: NonEmptyStr = "us-east-1"
     prefix: Str = ""
 

@@ -96,7 +96,8 @@ def attach_checkpoints(config: Any, orchestrator: Any, *, quarantine: dict,
     """Install the checkpoint room on an orchestrator: cuda_suspend and CRIU
     process steps, verified eviction, the post-wake canary. Unsafe-eviction
     verdicts are kept in `quarantine` (system mode persists it in state.json;
-    `on_change` is called after each new verdict)."""
+    `on_change` is called after each new verdict). Object store transfers are
+    reported as journal events."""
     from llmuxd.checkpoint.canary import record_unsafe, unsafe_from_quarantine
     from llmuxd.checkpoint.manager import CheckpointManager
 
@@ -105,7 +106,11 @@ def attach_checkpoints(config: Any, orchestrator: Any, *, quarantine: dict,
         if on_change is not None:
             on_change()
 
-    manager = CheckpointManager(config, on_unsafe=on_unsafe).install(orchestrator)
+    from llmuxd.daemon.journal import transfer_reporter
+
+    manager = CheckpointManager(config, on_unsafe=on_unsafe,
+                                report=transfer_reporter(logging.getLogger("llmuxd.checkpoint.store")),
+                                ).install(orchestrator)
     manager.canary.load_unsafe(unsafe_from_quarantine(quarantine))
     return manager
 

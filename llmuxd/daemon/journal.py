@@ -26,7 +26,7 @@ import socket
 import struct
 import sys
 from collections.abc import Mapping
-from typing import IO
+from typing import IO, Any, Callable
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 JOURNAL_STREAM_ENV = "JOURNAL_STREAM"
@@ -48,6 +48,13 @@ EVENT_MODEL_STATE_CHANGED = "model_state_changed"
 EVENT_STATE_CORRUPT = "state_corrupt"
 EVENT_STATE_WRITE_FAILED = "state_write_failed"
 EVENT_BACKEND_ORPHAN = "backend_orphan"
+# checkpoint images in object storage (started and progress share the *_progress kind)
+EVENT_CHECKPOINT_UPLOAD_PROGRESS = "checkpoint_upload_progress"
+EVENT_CHECKPOINT_UPLOADED = "checkpoint_uploaded"
+EVENT_CHECKPOINT_UPLOAD_FAILED = "checkpoint_upload_failed"
+EVENT_CHECKPOINT_DOWNLOAD_PROGRESS = "checkpoint_download_progress"
+EVENT_CHECKPOINT_DOWNLOADED = "checkpoint_downloaded"
+EVENT_CHECKPOINT_DOWNLOAD_FAILED = "checkpoint_download_failed"
 
 MESSAGE_IDS: dict[str, str] = {
     EVENT_DAEMON_READY: "40de0105bb9c4bfd9c34b4cada352581",
@@ -63,6 +70,12 @@ MESSAGE_IDS: dict[str, str] = {
     EVENT_STATE_CORRUPT: "0b1c87ff4379404f9f4d31a9dab4df31",
     EVENT_STATE_WRITE_FAILED: "c866c97d8ec94066947b4398404785e4",
     EVENT_BACKEND_ORPHAN: "74d7e0d68c804c2eaec4bfd16bf1eeb0",
+    EVENT_CHECKPOINT_UPLOAD_PROGRESS: "6f4ee2cc8958ce6b03a739888badd8e1",
+    EVENT_CHECKPOINT_UPLOADED: "4ae8f0af019a46b0e54ca4018670ea03",
+    EVENT_CHECKPOINT_UPLOAD_FAILED: "34024e12e8f91bcf66ccde774a88f178",
+    EVENT_CHECKPOINT_DOWNLOAD_PROGRESS: "3218332d81c07ec279fb8d4659107c63",
+    EVENT_CHECKPOINT_DOWNLOADED: "9b95ddb7ece69e3dec4059e7cddaae61",
+    EVENT_CHECKPOINT_DOWNLOAD_FAILED: "352e025103bfbd7726d41be482aeab51",
 }
 
 _FIELD_NAME_RE = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
@@ -224,6 +237,32 @@ def log_event(logger: logging.Logger, kind: str, message: str, *args: object,
             journal_fields[journal_field_name(key)] = value
     logger.log(level, message, *args, exc_info=exc_info, extra={FIELDS_ATTR: journal_fields},
                stacklevel=2)
+
+
+#: (direction, state) of a checkpoint transfer -> its event kind
+_TRANSFER_KINDS = {
+    ("upload", "started"): EVENT_CHECKPOINT_UPLOAD_PROGRESS,
+    ("upload", "progress"): EVENT_CHECKPOINT_UPLOAD_PROGRESS,
+    ("upload", "finished"): EVENT_CHECKPOINT_UPLOADED,
+    ("upload", "failed"): EVENT_CHECKPOINT_UPLOAD_FAILED,
+    ("download", "started"): EVENT_CHECKPOINT_DOWNLOAD_PROGRESS,
+    ("download", "progress"): EVENT_CHECKPOINT_DOWNLOAD_PROGRESS,
+    ("download", "finished"): EVENT_CHECKPOINT_DOWNLOADED,
+    ("download", "failed"): EVENT_CHECKPOINT_DOWNLOAD_FAILED,
+}
+
+
+def transfer_reporter(logger: logging.Logger) -> Callable[[Any], None]:
+    """A reporter for llmuxd.checkpoint.store: each transfer event (a
+    `TransferEvent`) as a journal event with LLMUX_BYTES, LLMUX_TOTAL_BYTES,
+    LLMUX_RATE_BPS, LLMUX_FILES, LLMUX_GENERATION, LLMUX_URL, LLMUX_ENDPOINT."""
+
+    def report(event: Any) -> None:
+        kind = _TRANSFER_KINDS[(event.direction, event.state)]
+        log_event(logger, kind, "%s", event.message(), level=event.level, model=event.model, bytes=event.done,
+                  total_bytes=event.total, rate_bps=int(event.rate), files=event.files, generation=event.generation,
+                  url=event.url, endpoint=event.endpoint, transfer_state=event.state, error=event.error)
+    return report
 
 
 _INSTALLED_ATTR = "_llmuxd_handler"

@@ -127,6 +127,9 @@ class SystemDaemon:
                       models=",".join(sorted(adopted)))
 
         self.checkpoints.mark_lazy(self.orchestrator)  # images on disk: first request restores
+        if self.checkpoints.store is not None:
+            self.notifier.status("looking up checkpoint images in the object store")
+            await self.checkpoints.mark_lazy_from_store(self.orchestrator)  # first request downloads
 
         sockets = self._activation_sockets(activation_sockets())
         self.core = DaemonCore(self.config, self.orchestrator, sockets=sockets or None,
@@ -332,6 +335,8 @@ class SystemDaemon:
             await self.service.close()
         if self.bus is not None:
             self.bus.disconnect()
+        if self.checkpoints is not None:
+            await self.checkpoints.close()  # background uploads stop; published images stay
         if self.orchestrator is not None:
             await self.orchestrator.close(stop_backends=stop_backends)
         if self.runtime is not None:

@@ -4,7 +4,8 @@
   warm it up, sleep it with a checkpoint eviction: the image set lands in the
   catalogue, and the next daemon start restores it lazily.
 - `restore MODEL`: restore the model's image as its unit and leave it running
-  (a later llmuxd adopts it).
+  (a later llmuxd adopts it); with checkpoint.object_store, an image only in
+  the bucket is downloaded first. `checkpoint` waits for the upload.
 - `validate MODEL --policies a,b,...`: llmux's validation table (llmux 0.7
   `--validate`): for each eviction, sleep and wake times, the backend's GPU
   memory (NVML / nvidia-smi / the simulator's ledger) and host RSS before and
@@ -81,6 +82,15 @@ async def checkpoint_model(orchestrator: Any, manager: CheckpointManager, model:
     images = manager.images_for(orchestrator._get(model))
     print(f"{model}: checkpointed with {eviction} to {images} ({manifest.size_bytes / (1 << 20):.1f} MiB, "
           f"{len(manifest.checksums)} files)", file=out)
+    store = manager.store
+    if store is None:
+        return 0
+    await manager.wait_uploads()  # published before the tool exits
+    if model in store.upload_errors:
+        print(f"{model}: not uploaded: {store.upload_errors[model]}", file=out)
+        return 1
+    published = store.last_published[model]
+    print(f"{model}: uploaded to {store.url(model)} (generation {published.generation})", file=out)
     return 0
 
 
@@ -88,7 +98,7 @@ async def restore_model(orchestrator: Any, manager: CheckpointManager, model: st
     if orchestrator.state(model) is BackendState.READY:
         print(f"{model}: already running ({orchestrator.status(model).unit})", file=out)
         return 0
-    if model not in manager.mark_lazy(orchestrator):
+    if model not in manager.mark_lazy(orchestrator) and model not in await manager.mark_lazy_from_store(orchestrator):
         print(f"{model}: no image to restore that matches the configuration (see the log); not started", file=out)
         return 1
     await orchestrator.ensure_awake(model)
