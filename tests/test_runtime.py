@@ -315,3 +315,29 @@ async def test_a_unit_that_cannot_exec_fails_at_start_with_systemds_status(syste
         await systemd_rt.start(LaunchSpec(model="nobody", argv=("sleep", "60"), user="no-such-llmux-user"))
     assert err.value.phase == "start" and "exited with status 217" in str(err.value)  # 217/USER
     assert "journalctl -u llmux-model-nobody.service" in str(err.value)
+
+
+async def test_a_daemon_reload_does_not_look_like_an_exit(systemd_rt, real_systemd):  # noqa: F811
+    """`systemctl daemon-reload` (any package install runs one) sends UnitRemoved
+    for every unit, running ones included, and UnitNew after: the backend is
+    still running and must still be ours to serve, stop and freeze."""
+    exits = []
+    systemd_rt.on_exit(lambda handle, status: exits.append((handle.model, status)))
+    port = free_port()
+    handle = await systemd_rt.start(LaunchSpec(model=model_name("reload"), argv=tuple(http_server(port))))
+    try:
+        await wait_http(f"http://127.0.0.1:{port}/")
+        real_systemd.run("systemctl", "daemon-reload")
+        await wait_http(f"http://127.0.0.1:{port}/")  # the backend never stopped
+        # a round trip to systemd: its reload signals, sent before this reply, have been handled
+        assert handle.main_pid in await systemd_rt.pids(handle)
+        assert handle.main_pid in await systemd_rt.pids(handle)  # and the runtime's re-read of the unit
+        assert exits == [] and not handle.exited.is_set(), exits
+        assert handle.state is RunState.RUNNING
+        await systemd_rt.freeze(handle)
+        assert handle.state is RunState.FROZEN
+        await systemd_rt.thaw(handle)
+    finally:
+        status = await systemd_rt.stop(handle, timeout=5)
+    assert status is not None and exits == []
+    assert real_systemd.unit_property(handle.name, "LoadState") == "not-found"
