@@ -1,9 +1,11 @@
-"""Shared fixtures: the real test systemd and the S3 server (one per session each), the simulator.
+"""Shared fixtures: the real test systemd and the S3 server (one per session each), the
+simulator; the no-silent-skips rule (skip_policy.py).
 
 Test modules import helpers as top-level modules (`from fakes import ...`,
 `from sim_fixtures import ...`): pytest puts tests/ on sys.path (rootdir
 conftest, no tests/__init__.py).
 """
 
+from skip_policy import pytest_runtest_makereport, pytest_sessionfinish, pytest_terminal_summary  # noqa: F401
 from sysd.fixtures import real_systemd  # noqa: F401  (session fixture)
 from s3_server import fault_proxy, s3_server  # noqa: F401,E402  (moto_server, session fixture)

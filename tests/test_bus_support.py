@@ -243,7 +243,8 @@ class FakeSwitcher:
         else:
             self.overrides[model] = eviction
 
-    async def reload(self, names: list[str]) -> None:
+    async def replace_models(self, names: list[str]) -> None:
+        """What a reload did to the model list (the real reload takes a Config)."""
         for name in list(self.models):
             if name not in names:
                 del self.models[name]
@@ -401,7 +402,7 @@ async def start_service(address: str, names=("llama", "qwen-7b"), **kwargs: Any)
         reloads.append(1)
         if switcher.reload_names is None:
             raise ValueError("/etc/llmux/config.yaml: models.x.port: must be 1-65535")
-        await switcher.reload(switcher.reload_names)
+        await switcher.replace_models(switcher.reload_names)
 
     kwargs.setdefault("refresh_interval", 0)
     service = await export_service(bus, switcher, reload=reload, version=VERSION, **kwargs)

@@ -50,7 +50,7 @@ from test_service import (  # noqa: F401 - the scenarios, collected here in this
     write_dropins,
 )
 
-pytestmark = [pytest.mark.systemd, pytest.mark.slow]
+pytestmark = [pytest.mark.systemd, pytest.mark.package, pytest.mark.slow]
 
 PACKAGE = "llmux"
 APT_ENV = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}

@@ -8,6 +8,7 @@ tests know nothing of vLLM.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import signal
@@ -26,8 +27,22 @@ BURN = "import sys; sys.stdout.write('burning\\n'); sys.stdout.flush()\nwhile Tr
 IGNORE_TERM = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True)\nwhile True: time.sleep(0.1)"
 
 
+class BackendLines(logging.Handler):
+    """What subprocess backends printed, as the `llmuxd.backend` logger got it."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[tuple[str, str]] = []  # (model, line)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        model = getattr(record, "llmux_model", "")
+        self.lines.append((model, record.getMessage().removeprefix(f"[{model}] ")))
+
+
 @pytest.fixture(params=["subprocess", "systemd"])
 async def runtime(request):
+    backend_log = logging.getLogger("llmuxd.backend")
+    lines, level = BackendLines(), backend_log.level
     if request.param == "systemd":
         bed = request.getfixturevalue("real_systemd")
         rt = SystemdRuntime(bus_address=bed.bus_address)
@@ -35,6 +50,9 @@ async def runtime(request):
     else:
         rt = SubprocessRuntime()
         rt.bed = None
+        backend_log.addHandler(lines)
+        backend_log.setLevel(logging.INFO)
+    rt.lines = lines
     await rt.connect()
     rt.exits = []
     rt.on_exit(lambda handle, status: rt.exits.append((handle.model, status)))
@@ -43,6 +61,38 @@ async def runtime(request):
     for handle in rt.started:
         await rt.stop(handle, timeout=5)
     await rt.close()
+    backend_log.removeHandler(lines)
+    backend_log.setLevel(level)
+
+
+async def wait_for_line(rt, handle, line: str) -> None:
+    """Until the backend printed `line` (its journal under the test systemd,
+    the backend logger otherwise): synchronisation on what the child says,
+    not on how long it usually takes."""
+    if rt.bed is not None:
+        printed = lambda: line in rt.bed.journal(f"LLMUX_MODEL={handle.model}").splitlines()  # noqa: E731
+    else:
+        printed = lambda: (handle.model, line) in rt.lines.lines  # noqa: E731
+    await wait_until(printed, what=f"{handle.model} printing {line!r}")
+
+
+async def open_gate(fifo: str) -> None:
+    """Let a child blocked in `read < fifo` go on: write a line once it has
+    the FIFO open (a non-blocking open fails with ENXIO until then)."""
+    def try_write() -> bool:
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                return False
+            raise
+        try:
+            os.write(fd, b"go\n")
+        finally:
+            os.close(fd)
+        return True
+
+    await wait_until(try_write, what=f"a reader on {fifo}")
 
 
 def model_name(prefix: str) -> str:
@@ -125,9 +175,14 @@ async def test_stop_of_a_frozen_backend_does_not_wait_for_the_kill_timeout(runti
     assert status is not None and status.signal == signal.SIGTERM
 
 
-async def test_an_exiting_backend_is_reported_with_its_status(runtime):
-    # the sleep lets the start finish first (an exit during start is a start error)
-    handle = await start(runtime, ["sh", "-c", "sleep 1; echo bye; exit 3"], model="dies")
+async def test_an_exiting_backend_is_reported_with_its_status(runtime, tmp_path):
+    # it exits only once start() has returned (an exit during start is a start
+    # error): it waits on a FIFO that the test writes to after the start
+    gate = str(tmp_path / "gate")
+    os.mkfifo(gate)
+    handle = await start(runtime, ["sh", "-c", f"read go < {gate}; echo bye; exit 3"], model="dies")
+    assert runtime.exits == []
+    await open_gate(gate)
     await asyncio.wait_for(handle.exited.wait(), 60)
     await wait_until(lambda: runtime.exits, what="exit callback")
     assert runtime.exits == [("dies", ExitStatus(code=3, result="exit-code"))]
@@ -136,7 +191,7 @@ async def test_an_exiting_backend_is_reported_with_its_status(runtime):
 
 async def test_a_backend_ignoring_sigterm_is_killed_after_the_grace(runtime):
     handle = await start(runtime, [PYTHON, "-u", "-c", IGNORE_TERM], stop_timeout=1)
-    await asyncio.sleep(0.5)  # let it install the handler
+    await wait_for_line(runtime, handle, "ready")  # its SIGTERM handler is in place
     status = await asyncio.wait_for(runtime.stop(handle), 60)
     assert status.signal == signal.SIGKILL, status
 
@@ -260,3 +315,29 @@ async def test_a_unit_that_cannot_exec_fails_at_start_with_systemds_status(syste
         await systemd_rt.start(LaunchSpec(model="nobody", argv=("sleep", "60"), user="no-such-llmux-user"))
     assert err.value.phase == "start" and "exited with status 217" in str(err.value)  # 217/USER
     assert "journalctl -u llmux-model-nobody.service" in str(err.value)
+
+
+async def test_a_daemon_reload_does_not_look_like_an_exit(systemd_rt, real_systemd):  # noqa: F811
+    """`systemctl daemon-reload` (any package install runs one) sends UnitRemoved
+    for every unit, running ones included, and UnitNew after: the backend is
+    still running and must still be ours to serve, stop and freeze."""
+    exits = []
+    systemd_rt.on_exit(lambda handle, status: exits.append((handle.model, status)))
+    port = free_port()
+    handle = await systemd_rt.start(LaunchSpec(model=model_name("reload"), argv=tuple(http_server(port))))
+    try:
+        await wait_http(f"http://127.0.0.1:{port}/")
+        real_systemd.run("systemctl", "daemon-reload")
+        await wait_http(f"http://127.0.0.1:{port}/")  # the backend never stopped
+        # a round trip to systemd: its reload signals, sent before this reply, have been handled
+        assert handle.main_pid in await systemd_rt.pids(handle)
+        assert handle.main_pid in await systemd_rt.pids(handle)  # and the runtime's re-read of the unit
+        assert exits == [] and not handle.exited.is_set(), exits
+        assert handle.state is RunState.RUNNING
+        await systemd_rt.freeze(handle)
+        assert handle.state is RunState.FROZEN
+        await systemd_rt.thaw(handle)
+    finally:
+        status = await systemd_rt.stop(handle, timeout=5)
+    assert status is not None and exits == []
+    assert real_systemd.unit_property(handle.name, "LoadState") == "not-found"

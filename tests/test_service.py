@@ -450,6 +450,12 @@ def test_sigkill_mid_switch_then_start_is_consistent(svc):
     restarts = int(svc.prop("llmuxd.service", "NRestarts"))
     svc.systemctl("kill", "--kill-who=main", "--signal=SIGKILL", "llmuxd.service")
     client.join(timeout=DEADLINE)
+    assert not client.is_alive(), "the client of the killed daemon is still waiting"
+    [outcome] = answered
+    # a killed daemon cannot answer: the client's connection drops at once (a
+    # timeout would be a hang); only if the switch won the race may alpha answer
+    assert isinstance(outcome, ConnectionError) or (
+        isinstance(outcome, tuple) and outcome[0] == 200 and outcome[1]["model"] == "alpha"), outcome
     # Restart=on-failure brings it back; `start` is what an operator would type
     wait_for(lambda: int(svc.prop("llmuxd.service", "NRestarts")) > restarts
              or svc.prop("llmuxd.service", "ActiveState") == "failed", "llmuxd restarted")

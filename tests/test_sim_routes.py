@@ -27,6 +27,36 @@ def test_health_is_200_with_empty_body_and_stamped(sim):
     assert headers["X-Sim-Model"] == "alpha"
 
 
+CHAT = [{"role": "user", "content": "hi"}]
+#: (what, method, path, body or raw bytes, status): every kind of error answer
+ERROR_ANSWERS = [
+    ("a model it does not serve (completion)", "POST", "/v1/completions", {"model": "beta", "prompt": "x"}, 404),
+    ("a model it does not serve (chat)", "POST", "/v1/chat/completions", {"model": "beta", "messages": CHAT}, 404),
+    ("a model it does not serve (stream)", "POST", "/v1/chat/completions",
+     {"model": "beta", "messages": CHAT, "stream": True}, 404),
+    ("a model it does not serve (embedding)", "POST", "/v1/embeddings", {"model": "beta", "input": "x"}, 404),
+    ("an unknown route", "GET", "/v2/nothing", None, 404),
+    ("a wrong method", "GET", "/v1/completions", None, 405),
+    ("a body that is not JSON", "POST", "/v1/completions", b"{not json", 400),
+    ("an invalid parameter", "POST", "/v1/completions", {"model": "alpha", "prompt": "x", "max_tokens": -1}, 400),
+]
+
+
+@pytest.mark.parametrize("what,method,path,body,status", ERROR_ANSWERS, ids=[e[0] for e in ERROR_ANSWERS])
+def test_every_error_answer_names_the_simulator_that_gave_it(sim, what, method, path, body, status):
+    """A request sent to the wrong backend shows as that backend's 404: the
+    stamp on errors is what lets the stress harness see the misrouting."""
+    raw = body if isinstance(body, bytes) else None
+    got, headers, _ = sim.request(method, path, None if raw else body, raw=raw)
+    assert (got, headers.get("X-Sim-Model")) == (status, "alpha")
+
+
+def test_an_engine_error_names_the_simulator_too(sim):
+    assert sim.json("POST", "/sim/fault", {"kind": "engine_dead"})[0] == 200
+    status, headers, _ = sim.request("POST", "/v1/completions", {"model": "alpha", "prompt": "x"})
+    assert (status, headers.get("X-Sim-Model")) == (500, "alpha")
+
+
 def test_version_models_load_ping(sim):
     assert sim.json("GET", "/version") == (200, {"version": "0.32.0"})
     status, models = sim.json("GET", "/v1/models")

@@ -9,6 +9,8 @@ control calls, all on a virtual clock. Every run checks:
 - I2: a lease is only ever granted on a model that is awake and not draining;
 - I3: every request is answered (lease or typed error) by its deadline;
 - I4: in-flight counts and queues are back to zero at the end;
+- every client and the chaos task end with nothing or a cancellation: any
+  other exception (one the switcher's contract does not allow) fails the seed;
 - I5: after failures are healed, every model is served again;
 - I6/I7: control calls go through the same worker; stale switches are skipped
   (counted: the test fails if no seed ever exercised the skip).
@@ -148,7 +150,11 @@ async def run_scenario(seed: int, stats: Dict[str, int]) -> None:
                 pass
 
     chaos_task = loop.create_task(chaos())
-    await asyncio.gather(*tasks, chaos_task, return_exceptions=True)
+    results = await asyncio.gather(*tasks, chaos_task, return_exceptions=True)
+    # a client ends with None or its cancellation (chaos cancels some); anything
+    # else escaped the switcher's error contract and is a bug, never noise
+    problems += [f"seed {seed}: task ended with {type(r).__name__}: {r}" for r in results
+                 if r is not None and not isinstance(r, asyncio.CancelledError)]
     for op in ("start", "wake", "sleep", "stop"):
         for name in names:
             backends.heal(op, name)
@@ -188,3 +194,21 @@ def test_invariants_hold_under_random_interleavings(block):
 
 def test_some_random_sequence_exercises_the_stale_switch_skip():
     assert sum(scenario(seed)["skipped"] for seed in range(40)) > 0
+
+
+def test_an_unexpected_exception_in_a_client_fails_the_run(monkeypatch):
+    """The fuzz must not swallow what it does not expect: one acquire()
+    raising something that is neither an answer nor a cancellation fails
+    the seed, naming the exception."""
+    real_acquire = Switcher.acquire
+    calls = {"n": 0}
+
+    async def acquire_once_broken(self, model, timeout=None):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("an unexpected bug in acquire")
+        return await real_acquire(self, model, timeout)
+
+    monkeypatch.setattr(Switcher, "acquire", acquire_once_broken)
+    with pytest.raises(AssertionError, match="RuntimeError: an unexpected bug in acquire"):
+        scenario(0)

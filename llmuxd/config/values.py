@@ -34,7 +34,10 @@ def parse_duration(value: Any) -> float:
     if isinstance(value, bool) or value is None:
         raise ValueError(f"expected a duration, got {shown(value)}; {DURATION_HELP}")
     if isinstance(value, (int, float)):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an int beyond any float
+            raise ValueError(f"duration {shown(value)} is too large; {DURATION_HELP}") from None
     elif isinstance(value, str):
         text = value.strip().lower()
         if text.startswith("-"):
@@ -79,7 +82,10 @@ def parse_size(value: Any) -> int:
         match = _SIZE_RE.match(value.strip().lower())
         if not match or match.group(2) not in _SIZE_UNITS:
             raise ValueError(f"invalid size {value!r}; {SIZE_HELP}")
-        size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+        number = float(match.group(1)) * _SIZE_UNITS[match.group(2)]
+        if math.isinf(number):
+            raise ValueError(f"size {value!r} is too large; {SIZE_HELP}")
+        size = int(number)
     else:
         raise ValueError(f"expected a size, got {shown(value)}; {SIZE_HELP}")
     if size <= 0:
@@ -101,7 +107,7 @@ def parse_listen(listen: str) -> Tuple[str, str, int]:
     host, sep, port_s = listen.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
-    if not sep or not host or not port_s.isdigit() or not 1 <= int(port_s) <= 65535:
+    if not sep or not host or not (port_s.isascii() and port_s.isdigit()) or not 1 <= int(port_s) <= 65535:
         raise ValueError(f"invalid listen address {listen!r}; {help_}")
     return ("tcp", host, int(port_s))
 

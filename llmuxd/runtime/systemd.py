@@ -318,7 +318,9 @@ class SystemdRuntime:
         elif message.interface == MANAGER_IFACE and message.member == "UnitRemoved":
             handle = self._by_path.get(message.body[1])
             if handle is not None:
-                self._unit_gone(handle)
+                # not proof that it is gone: `systemctl daemon-reload` sends
+                # UnitRemoved for every unit, running ones too (then UnitNew)
+                self._spawn(self._recheck(handle))
         elif message.interface == PROPERTIES_IFACE and message.member == "PropertiesChanged":
             handle = self._by_path.get(message.path)
             if handle is not None:
@@ -359,6 +361,18 @@ class SystemdRuntime:
                 handle.state = RunState.FROZEN if frozen else RunState.RUNNING
         elif active in ("inactive", "failed") and handle.seen_active:
             self._finish(handle, _exit_status(handle.props))
+
+    async def _recheck(self, handle: _UnitHandle) -> None:
+        """After UnitRemoved: ask systemd. During a reload the call is answered
+        once the reload is done, by the reloaded unit; a unit really gone (it
+        exited and was collected) reads as not found."""
+        try:
+            present = await self._refresh(handle)
+        except (SystemdError, RuntimeUnavailable) as exc:
+            log.warning("model %s: cannot re-read unit %s after UnitRemoved: %s", handle.model, handle.unit, exc)
+            return
+        if not present:
+            self._unit_gone(handle)
 
     def _unit_gone(self, handle: _UnitHandle) -> None:
         if not handle.exited.is_set():

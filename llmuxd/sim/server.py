@@ -23,7 +23,9 @@ FastAPI's `404 {"detail":"Not Found"}`. Dev routes exist only with `VLLM_SERVER_
 `/server_info`. Requests that arrive while asleep are held until wake, not rejected.
 
 Every inference response names the model that produced it: the `model` field, the header
-`X-Sim-Model` and `system_fingerprint: "llmux-sim:<served name>"`. Text is derived from the
+`X-Sim-Model` and `system_fingerprint: "llmux-sim:<served name>"`. Every other answer, errors
+included (404 for a model it does not serve, 400, 405, 500), carries `X-Sim-Model` too, so a
+request that reached the wrong backend is visible whatever its status. Text is derived from the
 served name and the prompt, so a temperature-0 request gives the same answer every time — and
 after a level-2 wake without `collective_rpc reload_weights` it gives garbage
 (`"\\ufffdgarbage!!!…"`, vLLM #29341).
@@ -162,6 +164,7 @@ async def vllm_errors(request: web.Request, handler: Handler) -> web.StreamRespo
 
 
 async def _stamp(request: web.Request, response: web.StreamResponse) -> None:
+    """Name this simulator on every response it prepares: answers, errors, 404s."""
     response.headers[SIM_MODEL_HEADER] = _core(request).s.name
 
 

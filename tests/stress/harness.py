@@ -5,8 +5,11 @@ Why a separate harness (and not test_e2e's): the stress suite's pass rule is
 stronger than "all 200". Every request is followed to its end and judged:
 
 - *lost*: no answer before `request_timeout` plus a grace (I3: never a hang);
-- *misrouted*: a 200 whose simulator stamp (`X-Sim-Model` header, the body's
-  `model`, every SSE chunk's `model`) is not the model asked for;
+- *misrouted*: an answer of any status that carries another model's
+  simulator stamp (the `X-Sim-Model` header, which the simulator puts on its
+  errors too; the body's `model`; every SSE chunk's `model`), or a 200 with
+  no stamp at all. A backend's 404 "model does not exist" is how a request
+  sent to the wrong backend usually shows;
 - *cut*: a 200 that a sleep aborted (`finish_reason: abort`), a stream without
   `[DONE]`, or output that is garbage (an L2 wake without `reload_weights`);
 - *unexpected*: a status the scenario does not allow, or an error that is not
@@ -30,6 +33,7 @@ import random
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -41,6 +45,7 @@ import aiohttp
 import yaml
 
 from llmuxd.sim.ledger import GpuLedger
+from llmuxd.sim.server import SIM_MODEL_HEADER
 
 from daemon_process import daemon_env, stop_process, wait_healthy  # noqa: E402  (tests/ is on sys.path)
 
@@ -59,6 +64,11 @@ SETTLE_TIMEOUT = 60.0
 #: what a sleeping simulator keeps on the "GPU" (LLMUX_SIM_GPU_RESIDUE_MB)
 RESIDUE_MB = 500
 GARBAGE_MARK = "\ufffdgarbage"
+#: seconds between two GPU-ledger samples of the invariant watcher
+WATCH_INTERVAL = 0.1
+#: the share of one-sample-per-interval that `check` asks of the watcher (the
+#: rest is scheduling noise on two shared cores)
+WATCH_SHARE = 0.5
 #: statuses llmux may answer with in OpenAI's envelope (DESIGN.md I3)
 ERROR_STATUSES = {400, 404, 408, 413, 429, 502, 503, 504}
 
@@ -334,7 +344,7 @@ class Req:
 class Outcome:
     req: Req
     status: int | None = None  # None: no answer (lost) or abandoned before one
-    stamps: set[str] = field(default_factory=set)  # models named by the answer
+    stamps: set[str] = field(default_factory=set)  # models named by the answer (any status)
     finish_reason: str | None = None
     done: bool = False  # a stream ended with [DONE]
     stream_error: str | None = None
@@ -351,18 +361,20 @@ class Outcome:
         what = f"{r.kind}{' stream' if r.stream else ''} for {r.model}"
         if self.lost:
             return [f"lost: {what} had no answer after {self.elapsed:.1f}s"]
+        if self.stamps - {r.model}:
+            # another model's backend answered, whatever it said: an error
+            # from it (404 "does not exist", 400, 500...) is a misrouting too
+            return [f"misrouted: {what} answered {self.status} by {sorted(self.stamps)}"]
         if self.abandoned:
             if self.status is not None and self.status != 200 and self.status not in allowed:
                 return [f"unexpected: {what} answered {self.status} before it was abandoned"]
-            if self.stamps - {r.model}:
-                return [f"misrouted: {what} answered by {sorted(self.stamps)}"]
             return []
         out = []
         if self.status not in allowed:
             out.append(f"unexpected: {what} answered {self.status}: {str(self.error_body)[:200]}")
         if self.status == 200:
-            if self.stamps != {r.model}:
-                out.append(f"misrouted: {what} answered by {sorted(self.stamps) or 'no stamp'}")
+            if not self.stamps:
+                out.append(f"misrouted: {what} answered 200 with no simulator stamp")
             if self.garbage:
                 out.append(f"garbage: {what} gave garbage output (wake without reload_weights?)")
             if r.kind != "embedding" and self.finish_reason not in ("length", "stop"):
@@ -400,6 +412,12 @@ def _text_of(choice: dict[str, Any]) -> str:
     return msg.get("content") or ""
 
 
+def _stamp(out: Outcome, headers: Any) -> None:
+    """The simulator names itself on every answer, errors included (X-Sim-Model)."""
+    if headers.get(SIM_MODEL_HEADER):
+        out.stamps.add(headers[SIM_MODEL_HEADER])
+
+
 async def send(session: aiohttp.ClientSession, base: str, r: Req, deadline: float) -> Outcome:
     """Send one request and follow it to its end (or to `deadline` seconds)."""
     out = Outcome(r)
@@ -425,8 +443,7 @@ async def _send_aiohttp(session: aiohttp.ClientSession, base: str, r: Req, out: 
     t0 = time.monotonic()
     async with session.post(base + path, json=body) as resp:
         out.status = resp.status
-        if "X-Sim-Model" in resp.headers:
-            out.stamps.add(resp.headers["X-Sim-Model"])
+        _stamp(out, resp.headers)
         if resp.status != 200:
             try:
                 out.error_body = await resp.json(content_type=None)
@@ -435,7 +452,8 @@ async def _send_aiohttp(session: aiohttp.ClientSession, base: str, r: Req, out: 
             return
         if not r.stream:
             data = await resp.json()
-            out.stamps.add(data.get("model"))
+            if data.get("model"):
+                out.stamps.add(data["model"])
             choice = (data.get("choices") or [{}])[0]
             out.finish_reason = choice.get("finish_reason")
             out.garbage = GARBAGE_MARK in _text_of(choice)
@@ -489,13 +507,14 @@ async def _send_openai(base: str, r: Req, out: Outcome) -> None:
             raw = await client.chat.completions.with_raw_response.create(
                 model=r.model, messages=messages, max_tokens=r.max_tokens, temperature=0)
             out.status = raw.http_response.status_code
-            out.stamps.add(raw.headers.get("X-Sim-Model"))
+            _stamp(out, raw.headers)
             reply = raw.parse()
             out.stamps.add(reply.model)
             out.finish_reason = reply.choices[0].finish_reason
             out.garbage = GARBAGE_MARK in (reply.choices[0].message.content or "")
     except openai.APIStatusError as exc:
         out.status = exc.status_code
+        _stamp(out, exc.response.headers)
         out.error_body = exc.body if isinstance(exc.body, dict) and "error" in exc.body else {"error": exc.body}
     except openai.APIConnectionError as exc:  # includes APITimeoutError
         if out.status is None:
@@ -510,51 +529,106 @@ async def _send_openai(base: str, r: Req, out: Outcome) -> None:
 
 
 class Watcher:
-    """Checks invariants continuously while a scenario runs."""
+    """Checks invariants continuously while a scenario runs.
+
+    The GPU ledger (I1) is sampled every `interval` by a thread of its own,
+    so a busy event loop (hundreds of clients parsing answers) cannot thin it
+    out; its count is `samples`. The daemon's /v1/models (every 2 intervals)
+    and the backends' /metrics (every 3) are async loops of their own, so a
+    frozen backend's timeout does not delay the rest. A check that raises is a
+    broken watcher, not a quiet one: `stop()` re-raises the exception, and
+    `check()` wants about one ledger sample per interval of watched time.
+    """
 
     def __init__(self, daemon: Daemon, session: aiohttp.ClientSession, *, max_awake: int = 1,
-                 interval: float = 0.1):
+                 interval: float = WATCH_INTERVAL):
         self.daemon = daemon
         self.session = session
         self.max_awake = max_awake
         self.interval = interval
         self.violations: list[str] = []
-        self.samples = 0
+        self.samples = 0  # GPU ledger checks done
+        self.daemon_samples = 0
+        self.backend_samples = 0
         self.max_in_flight = 0
         self.peak_awake = 0  # most models holding full GPU memory at once, in any group
-        self._task: asyncio.Task | None = None
+        self.started_at: float | None = None
+        self.stopped_at: float | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._ledger_thread: threading.Thread | None = None
+        self._ledger_error: BaseException | None = None
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()  # violations come from the thread and the loop
         self._groups = {name: m.get("gpu_group", "default") for name, m in daemon.config["models"].items()}
         self._ports = {name: m["port"] for name, m in daemon.config["models"].items()}
 
     def _violation(self, text: str) -> None:
-        if text not in self.violations:
-            self.violations.append(text)
+        with self._lock:
+            if text not in self.violations:
+                self.violations.append(text)
+
+    @property
+    def watched_s(self) -> float:
+        """Seconds from start() to stop() (or to now, while it runs)."""
+        if self.started_at is None:
+            return 0.0
+        return (self.stopped_at or time.monotonic()) - self.started_at
 
     def start(self) -> None:
-        self._task = asyncio.ensure_future(self._run())
+        self.started_at, self.stopped_at = time.monotonic(), None
+        self._stopping.clear()
+        self._ledger_thread = threading.Thread(target=self._ledger_loop, name="watcher-ledger", daemon=True)
+        self._ledger_thread.start()
+        self._tasks = [
+            asyncio.ensure_future(self._every(2 * self.interval, self.check_daemon, "daemon_samples")),
+            asyncio.ensure_future(self._every(3 * self.interval, self.check_backends, "backend_samples")),
+        ]
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        """Stop watching; re-raise what any of its loops died of."""
+        tasks, self._tasks = self._tasks, []
+        thread, self._ledger_thread = self._ledger_thread, None
+        if self.started_at is not None and self.stopped_at is None:
+            self.stopped_at = time.monotonic()
+        self._stopping.set()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if thread is not None:
+            await asyncio.to_thread(thread.join)
+        if self._ledger_error is not None:
+            raise self._ledger_error
+        for task in tasks:
+            if not task.cancelled() and task.exception() is not None:
+                raise task.exception()
 
-    async def _run(self) -> None:
-        tick = 0
+    def _ledger_loop(self) -> None:
+        """Every `interval` (no catch-up bursts after a slow read), until stop()."""
+        try:
+            while not self._stopping.is_set():
+                began = time.monotonic()
+                self.check_ledger_now()
+                self.samples += 1
+                self._stopping.wait(max(0.0, self.interval - (time.monotonic() - began)))
+        except BaseException as exc:  # handed to stop(), which raises it
+            self._ledger_error = exc
+
+    async def _every(self, period: float, check: Any, counter: str) -> None:
+        """Await `check` every `period` seconds (no catch-up bursts after a slow one)."""
+        loop = asyncio.get_running_loop()
         while True:
-            tick += 1
-            await self.check_ledger()
-            if tick % 2 == 0:
-                await self.check_daemon()
-            if tick % 3 == 0:
-                await self.check_backends()
-            self.samples += 1
-            await asyncio.sleep(self.interval)
+            began = loop.time()
+            await check()
+            setattr(self, counter, getattr(self, counter) + 1)
+            await asyncio.sleep(max(0.0, period - (loop.time() - began)))
 
     async def check_ledger(self) -> None:
+        await asyncio.to_thread(self.check_ledger_now)
+
+    def check_ledger_now(self) -> None:
         """I1 on the GPU: used <= capacity, awake reservations <= budget per group."""
         try:
-            snap = await asyncio.to_thread(self.daemon.ledger)
+            snap = self.daemon.ledger()
         except (OSError, ValueError):
             return
         if snap["used_mb"] > snap["capacity_mb"]:
@@ -591,18 +665,21 @@ class Watcher:
 
     async def check_backends(self) -> None:
         """I2: no request waits inside a sleeping engine (it was forwarded to a
-        model that is not ready)."""
-        for name, port in self._ports.items():
-            try:
-                async with self.session.get(f"http://127.0.0.1:{port}/metrics",
-                                            timeout=aiohttp.ClientTimeout(total=1)) as resp:
-                    text = await resp.text()
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
-                continue  # not started, stopped or frozen: nothing to judge
-            awake = 'sleep_state="awake"} 1.0' in text
-            waiting = metric_sum(text, "vllm:num_requests_waiting{")
-            if not awake and waiting > 0:
-                self._violation(f"I2: {int(waiting)} request(s) forwarded to {name} while it sleeps")
+        model that is not ready). All backends at once: a frozen one's
+        timeout does not delay the others."""
+        await asyncio.gather(*(self._check_backend(name, port) for name, port in self._ports.items()))
+
+    async def _check_backend(self, name: str, port: int) -> None:
+        try:
+            async with self.session.get(f"http://127.0.0.1:{port}/metrics",
+                                        timeout=aiohttp.ClientTimeout(total=1)) as resp:
+                text = await resp.text()
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            return  # not started, stopped or frozen: nothing to judge
+        awake = 'sleep_state="awake"} 1.0' in text
+        waiting = metric_sum(text, "vllm:num_requests_waiting{")
+        if not awake and waiting > 0:
+            self._violation(f"I2: {int(waiting)} request(s) forwarded to {name} while it sleeps")
 
 
 # --------------------------------------------------------------------------- scenarios
@@ -637,6 +714,8 @@ class Report:
     samples: int
     max_in_flight: int
     peak_awake: int = 0
+    watched_s: float = 0.0  # how long the watcher ran
+    interval: float = WATCH_INTERVAL  # its ledger period
 
     @property
     def sent(self) -> int:
@@ -709,7 +788,7 @@ async def run_scenario(daemon: Daemon, scenario: Scenario, *, max_awake: int = 1
         finally:
             await watcher.stop()
     return Report(scenario.name, outcomes, watcher.violations, watcher.samples, watcher.max_in_flight,
-                  watcher.peak_awake)
+                  watcher.peak_awake, watcher.watched_s, watcher.interval)
 
 
 async def _get_text(session: aiohttp.ClientSession, url: str) -> str:
@@ -776,7 +855,17 @@ def check(report: Report, allowed: frozenset[int] = frozenset({200})) -> None:
     head = f"{report.scenario}: {report.sent} requests, statuses {report.statuses()}"
     assert not problems and not report.violations, "\n".join(
         [head, *problems[:30], *(f"violation: {v}" for v in report.violations)])
-    assert report.samples > 0 or report.sent < 5, f"{report.scenario}: the watcher never sampled"
+    assert_watched(report)
+
+
+def assert_watched(report: Report) -> None:
+    """The watcher kept watching: about one GPU-ledger sample per interval of
+    the time it ran (a stalled or dead one has next to none)."""
+    due = report.watched_s / report.interval
+    assert report.samples >= int(WATCH_SHARE * due), (
+        f"{report.scenario}: the invariant watcher sampled the GPU ledger {report.samples} times in "
+        f"{report.watched_s:.1f}s, where about one per {report.interval}s ({due:.0f}) was due: "
+        f"it stalled, so the invariants went unwatched")
 
 
 def start_daemon(tmp: Path, models: Iterable[SimModel], **config: Any) -> Daemon:

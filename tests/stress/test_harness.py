@@ -1,18 +1,27 @@
 """The pass rule and the watcher can fail: each kind of bad answer and each
-invariant breach is caught (no daemon needed, so these run in milliseconds)."""
+invariant breach is caught, a watcher that dies or stalls fails the run, and a
+request deliberately sent to the wrong backend (through a real daemon) is
+counted as misrouted. All but the last need no daemon and run in moments."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
+import time
 
+import aiohttp
 import pytest
 
-from harness import Daemon, Outcome, Req, SimModel, Watcher, write_config
+from harness import (
+    Daemon, Outcome, Report, Req, Scenario, SimModel, Wave, Watcher, assert_watched, run_scenario, start_daemon,
+    stop_and_check, write_config,
+)
 
 ALLOWED = frozenset({200})
+NOT_FOUND = {"error": {"message": "The model `alpha` does not exist.", "type": "NotFoundError"}}
 
 
 def ok(model: str = "alpha", **kw) -> Outcome:
@@ -36,6 +45,10 @@ def ok(model: str = "alpha", **kw) -> Outcome:
     (Outcome(Req("alpha"), status=500, error_body=b"Internal Server Error"), "unexpected"),
     (Outcome(Req("alpha", stream=True, abandon_after=1), status=200, stamps={"alpha"}, abandoned=True), None),
     (Outcome(Req("alpha", stream=True, abandon_after=1), status=200, stamps={"beta"}, abandoned=True), "misrouted"),
+    # the wrong backend answering with an error is a misrouting, not just a bad status
+    (Outcome(Req("alpha"), status=404, stamps={"beta"}, error_body=NOT_FOUND), "misrouted"),
+    (Outcome(Req("alpha"), status=400, stamps={"beta"}, error_body=NOT_FOUND), "misrouted"),
+    (Outcome(Req("alpha", stream=True), status=500, stamps={"beta"}, error_body=NOT_FOUND), "misrouted"),
 ])
 def test_pass_rule_names_what_is_wrong(outcome, kind):
     problems = outcome.problems(ALLOWED)
@@ -73,3 +86,90 @@ async def test_watcher_sees_two_models_holding_the_gpu(tmp_path):
     finally:
         child.kill()
         child.wait()
+
+
+def test_an_allowed_status_from_the_wrong_backend_is_still_misrouted():
+    allowed = frozenset({200, 404})  # e.g. a scenario that asks for unknown models on purpose
+    wrong = Outcome(Req("alpha"), status=404, stamps={"beta"}, error_body=NOT_FOUND)
+    assert [p.split(":")[0] for p in wrong.problems(allowed)] == ["misrouted"]
+    right = Outcome(Req("alpha"), status=404, stamps={"alpha"}, error_body=NOT_FOUND)
+    assert right.problems(allowed) == []  # its own backend said no: not a misrouting
+    llmux = Outcome(Req("nobody"), status=404, error_body=NOT_FOUND)
+    assert llmux.problems(allowed) == []  # llmux's own 404 carries no stamp
+
+
+def test_a_deliberately_misrouted_request_is_counted(tmp_path):
+    """A real daemon whose `alpha` backend is (by a config mistake) the
+    simulator of `beta`: every request for alpha reaches a backend that
+    answers 404 "does not exist" in beta's name. The harness must count each
+    one as misrouted, even though the scenario allows 404."""
+    misconfigured = SimModel("alpha", extra={"extra_args": ["--served-model-name", "beta"]})
+    d = start_daemon(tmp_path, [misconfigured, SimModel("beta")])
+    try:
+        scenario = Scenario("misrouted_on_purpose", [
+            Wave([Req("beta"), Req("beta", stream=True)], name="beta"),
+            Wave([Req("alpha"), Req("alpha", stream=True), Req("alpha", kind="completion")], after="beta"),
+        ])
+        allowed = frozenset({200, 404})
+        report = asyncio.run(run_scenario(d, scenario))
+        assert report.statuses() == {200: 2, 404: 3}, report.statuses()
+        misrouted = [p for p in report.problems(allowed) if p.startswith("misrouted")]
+        assert len(misrouted) == 3 and all("for alpha answered 404 by ['beta']" in p for p in misrouted), misrouted
+        assert report.count("misrouted", allowed) == 3 and report.violations == []
+    finally:
+        stop_and_check(d)
+
+
+class BrokenLedger:
+    """A daemon stand-in whose GPU ledger read fails in a way no check expects."""
+
+    config = {"models": {"alpha": {"port": 1}}}
+
+    def ledger(self):
+        raise RuntimeError("the ledger check has a bug")
+
+
+async def test_a_watcher_that_dies_fails_the_run():
+    watcher = Watcher(BrokenLedger(), session=None)  # type: ignore[arg-type]
+    watcher.start()
+    await asyncio.sleep(0.3)
+    with pytest.raises(RuntimeError, match="the ledger check has a bug"):
+        await watcher.stop()
+
+
+async def test_a_watcher_whose_http_check_dies_fails_the_run(tmp_path):
+    daemon = Daemon(write_config(tmp_path, [SimModel("alpha")]), tmp_path / "log")
+    watcher = Watcher(daemon, session=None)  # type: ignore[arg-type]  (None.get: AttributeError)
+    watcher.start()
+    await asyncio.sleep(0.3)
+    with pytest.raises(AttributeError):
+        await watcher.stop()
+
+
+class SlowLedger:
+    """A daemon stand-in whose ledger read takes 0.5 s: the watcher stalls."""
+
+    config = {"models": {"alpha": {"port": 1}}}
+    base = "http://127.0.0.1:1"  # refused: the HTTP checks have nothing to judge
+
+    def ledger(self):
+        time.sleep(0.5)
+        return {"capacity_mb": 1, "used_mb": 0, "by_pid": {}, "models": {}}
+
+
+async def test_a_stalled_watcher_fails_the_check(tmp_path):
+    daemon = Daemon(write_config(tmp_path, [SimModel("alpha")]), tmp_path / "log")  # not started
+    async with aiohttp.ClientSession() as session:
+        healthy = Watcher(daemon, session)
+        stalled = Watcher(SlowLedger(), session)  # type: ignore[arg-type]
+        for watcher in (healthy, stalled):
+            watcher.start()
+        await asyncio.sleep(2.0)
+        for watcher in (healthy, stalled):
+            await watcher.stop()
+
+    def report(w: Watcher) -> Report:
+        return Report("watched", [], [], w.samples, 0, watched_s=w.watched_s, interval=w.interval)
+    assert_watched(report(healthy))
+    with pytest.raises(AssertionError, match="it stalled"):
+        assert_watched(report(stalled))
