@@ -6,3 +6,22 @@ conftest, no tests/__init__.py).
 """
 
 from sysd.fixtures import real_systemd  # noqa: F401  (session fixture)
+
+
+import importlib.util
+import os
+
+import pytest
+
+#: torch is in the PyPI venv (scripts/bootstrap) and nowhere in Debian 12
+HAVE_TORCH = importlib.util.find_spec("torch") is not None
+#: scripts/test sets this for its PyPI pass, where a skipped torch test would hide a broken venv
+REQUIRE_TORCH = os.environ.get("LLMUX_TEST_REQUIRE_TORCH") == "1"
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if "torch" in item.keywords and not HAVE_TORCH:
+        if REQUIRE_TORCH:
+            pytest.fail("torch is not installed in this venv but LLMUX_TEST_REQUIRE_TORCH=1 "
+                        "(scripts/test's PyPI pass): run scripts/bootstrap pypi")
+        pytest.skip("needs torch (pip install 'llmux[torch]'); Debian 12 packages none")
