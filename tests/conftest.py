@@ -20,7 +20,7 @@ REQUIRE_TORCH = os.environ.get("LLMUX_TEST_REQUIRE_TORCH") == "1"
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    if "torch" in item.keywords and not HAVE_TORCH:
+    if item.get_closest_marker("torch") is not None and not HAVE_TORCH:
         if REQUIRE_TORCH:
             pytest.fail("torch is not installed in this venv but LLMUX_TEST_REQUIRE_TORCH=1 "
                         "(scripts/test's PyPI pass): run scripts/bootstrap pypi")

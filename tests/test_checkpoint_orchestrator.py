@@ -138,39 +138,6 @@ def ledger_env(tmp_path) -> dict:
             "LLMUX_SIM_GPU_RESIDUE_MB": "500"}
 
 
-async def test_sleep_that_frees_memory_is_measured(make, tmp_path):
-    orch, manager = await make(eviction="offload+keep_running", checkpoint=False, env=ledger_env(tmp_path))
-    await orch.ensure_awake("m")
-    await orch.sleep("m", Eviction.parse("offload+keep_running"))
-    assert orch.state("m") is BackendState.SLEEPING
-    assert manager.last_residue_mb["m"] == 500
-    assert manager.effectiveness["m"] == pytest.approx(0.875)
-
-
-async def test_sleep_that_keeps_memory_is_caught_and_escalated_to_stop(make, tmp_path, caplog):
-    orch, manager = await make(eviction="offload+keep_running", checkpoint=False, env=ledger_env(tmp_path))
-    await orch.ensure_awake("m")
-    status, body = await ahttp("POST", f"{orch.endpoint('m')}/sim/fault", {"kind": "sleep_keeps_memory"})
-    assert status == 200, body
-    await orch.sleep("m", Eviction.parse("offload+keep_running"))
-    assert orch.state("m") is BackendState.STOPPED
-    assert "left 4000 MiB on the GPU" in orch.status("m").reason
-    assert "still hold 4000 MiB on the GPU" in caplog.text and "escalating to retain+stop" in caplog.text
-    assert manager.effectiveness["m"] == 1.0
-    await orch.ensure_awake("m")
-    assert orch.state("m") is BackendState.READY
-
-
-async def test_escalation_tries_cuda_suspend_before_stop(make, tmp_path, fake_cuda):
-    orch, _ = await make(eviction="offload+keep_running", env=ledger_env(tmp_path))
-    await orch.ensure_awake("m")
-    await ahttp("POST", f"{orch.endpoint('m')}/sim/fault", {"kind": "sleep_keeps_memory"})
-    await orch.sleep("m", Eviction.parse("offload+keep_running"))
-    # the fake toggle frees nothing in the ledger, so it goes on to stop
-    assert any(c.startswith("toggle") for c in calls(fake_cuda))
-    assert orch.state("m") is BackendState.STOPPED
-
-
 @pytest.fixture
 def fake_nvidia_smi(tmp_path, monkeypatch):
     """tests/fake-bin/nvidia-smi first on PATH, reporting what the simulators hold
@@ -181,8 +148,10 @@ def fake_nvidia_smi(tmp_path, monkeypatch):
     return tmp_path / "nvidia-smi.log"
 
 
-@pytest.mark.parametrize("gpu_probe", ["nvidia-smi", "auto"])
-async def test_verified_eviction_reads_nvidia_smi_and_escalates(make, tmp_path, fake_nvidia_smi, gpu_probe, caplog):
+@pytest.mark.parametrize("gpu_probe", ["ledger", "nvidia-smi", "auto"])
+async def test_sleep_is_measured_and_one_that_keeps_memory_escalates_to_stop(make, tmp_path, fake_nvidia_smi,
+                                                                              gpu_probe, caplog):
+    """The simulators' ledger read directly, or through nvidia-smi (tests/fake-bin) by PID."""
     orch, manager = await make(eviction="offload+keep_running", checkpoint=False, env=ledger_env(tmp_path),
                                gpu_probe=gpu_probe)
     await orch.ensure_awake("m")
@@ -195,7 +164,22 @@ async def test_verified_eviction_reads_nvidia_smi_and_escalates(make, tmp_path, 
     await orch.sleep("m", Eviction.parse("offload+keep_running"))
     assert orch.state("m") is BackendState.STOPPED
     assert "left 4000 MiB on the GPU" in orch.status("m").reason
-    assert "--query-compute-apps=pid,used_memory" in fake_nvidia_smi.read_text()
+    assert "still hold 4000 MiB on the GPU" in caplog.text and "escalating to retain+stop" in caplog.text
+    assert manager.effectiveness["m"] == 1.0
+    asked_nvidia_smi = fake_nvidia_smi.exists() and "--query-compute-apps" in fake_nvidia_smi.read_text()
+    assert asked_nvidia_smi is (gpu_probe != "ledger")
+    await orch.ensure_awake("m")
+    assert orch.state("m") is BackendState.READY
+
+
+async def test_escalation_tries_cuda_suspend_before_stop(make, tmp_path, fake_cuda):
+    orch, _ = await make(eviction="offload+keep_running", env=ledger_env(tmp_path))
+    await orch.ensure_awake("m")
+    await ahttp("POST", f"{orch.endpoint('m')}/sim/fault", {"kind": "sleep_keeps_memory"})
+    await orch.sleep("m", Eviction.parse("offload+keep_running"))
+    # the fake toggle frees nothing in the ledger, so it goes on to stop
+    assert any(c.startswith("toggle") for c in calls(fake_cuda))
+    assert orch.state("m") is BackendState.STOPPED
 
 
 async def test_a_driver_that_cannot_tell_skips_the_check(make, tmp_path, fake_nvidia_smi, monkeypatch):
