@@ -176,6 +176,7 @@ class DeviceState:
                 torch.cuda.synchronize(self.device)  # the staging buffer is reused
                 pos += n
             del staging
+        self._free_cached()  # the pinned staging buffer goes back to the OS
 
     # -- sleep and wake --------------------------------------------------------
 
