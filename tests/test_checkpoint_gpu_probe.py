@@ -172,3 +172,34 @@ def test_gpu_probe_is_explicit_config_with_a_fix_for_typos():
         Config.from_dict({"gpu_probe": "nvidia_smi"}, source="/etc/llmux/llmux.yaml")
     assert str(err.value) == ("/etc/llmux/llmux.yaml: gpu_probe: unknown GPU probe 'nvidia_smi'; "
                               "allowed: auto, nvml, nvidia-smi, ledger, none")
+
+
+def test_the_daemon_verifies_sleeps_through_the_configured_nvidia_smi(tmp_path):
+    """`gpu_probe: nvidia-smi` in a real `llmuxd run`: the sleep of a backend that keeps its
+    memory is seen through nvidia-smi (by the backend's PID) and escalated to stop."""
+    from daemon_process import DaemonProcess, daemon_env, http_json, sim_model, wait_until, write_config
+
+    ledger = tmp_path / "gpu.json"
+    models = {"alpha": sim_model("org/alpha", ledger, 4000), "beta": sim_model("org/beta", ledger, 4000)}
+    config = write_config(tmp_path, models, gpu_probe="nvidia-smi")
+    env = daemon_env()
+    env.update(PATH=f"{FAKE_BIN}:{env['PATH']}", FAKE_NVIDIA_SMI_LEDGER=str(ledger),
+               FAKE_NVIDIA_SMI_LOG=str(tmp_path / "nvidia-smi.log"))
+    daemon = DaemonProcess(config, tmp_path / "llmuxd.log", env=env).wait_ready()
+    try:
+        def ask(model: str) -> int:
+            body = json.dumps({"model": model, "prompt": "x", "max_tokens": 1}).encode()
+            return http_json(daemon.base + "/v1/completions", body, {"Content-Type": "application/json"})[0]
+
+        assert ask("alpha") == 200
+        backend = f"http://127.0.0.1:{models['alpha']['port']}"
+        fault = json.dumps({"kind": "sleep_keeps_memory"}).encode()
+        assert http_json(backend + "/sim/fault", fault, {"Content-Type": "application/json"})[0] == 200
+        assert ask("beta") == 200  # alpha sleeps, keeps its 4000 MiB, is stopped
+        wait_until("the escalation", lambda: "escalating to retain+stop" in daemon.log())
+        assert "still hold 4000 MiB on the GPU" in daemon.log()
+        assert "--query-compute-apps=pid,used_memory" in (tmp_path / "nvidia-smi.log").read_text()
+        with pytest.raises(OSError):
+            http_json(backend + "/health", timeout=2)  # its process is gone
+    finally:
+        assert daemon.stop() == 0, daemon.log()
