@@ -48,6 +48,23 @@ def test_dry_run_lists_the_steps_and_names_what_this_machine_lacks(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_dry_run_sizes_the_models_from_nvidia_smis_total(tmp_path):
+    """With a GPU that nvidia-smi reports (tests/fake-bin/nvidia-smi), the plan is 60% of it
+    per model and weights of total / 16 (at most 4 GiB); torch here still has no CUDA."""
+    import os
+
+    env = {**os.environ, "PATH": f"{SCRIPT.parent.parent / 'tests' / 'fake-bin'}:{os.environ['PATH']}",
+           "FAKE_NVIDIA_SMI_GPU": "NVIDIA H200, 143771, 0"}
+    result = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=300, env=env)
+    out = result.stdout
+    assert "[ok] GPU: GPU 0: NVIDIA H200, 143771 MiB, 0 MiB in use" in out
+    assert "--gpu-memory-utilization 0.6 (~86262 MiB each): all three need 180% of the GPU" in out
+    assert "weights 4096 MiB" in out
+    assert "[ok] GPU memory per process: nvidia-smi --query-compute-apps (pynvml not installed)" in out
+    assert result.returncode == (0 if "[MISSING]" not in out else 2)
+
+
 def test_dry_run_on_the_cpu_is_ready_where_torch_is():
     result = run_script("--dry-run", "--device", "cpu")
     if HAVE_TORCH:
