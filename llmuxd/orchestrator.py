@@ -90,6 +90,9 @@ def backend_argv(model_config: Any) -> list[str]:
 def backend_env(model_config: Any) -> dict[str, str]:
     env = dict(BASE_BACKEND_ENV)
     if model_config.gpus:
+        # indices in PCI bus order, as nvidia-smi and NVML number GPUs and as the unit's
+        # DeviceAllow= maps them to /dev/nvidiaN (CUDA's default order is "fastest first")
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(gpu) for gpu in model_config.gpus)
     env.update(model_config.env)
     return env

@@ -59,6 +59,7 @@ def write_config(tmp: Path, models: dict, **top) -> Path:
     data = {
         "listen": f"127.0.0.1:{free_port()}",
         "max_body_bytes": 1024 * 1024,
+        "gpu_probe": "ledger",  # verified eviction reads the simulators' ledger (sim_model)
         "policy": {
             "type": "fifo",
             "request_timeout": 60,

@@ -4,10 +4,12 @@ Import the fixtures into a test module (or conftest.py)::
 
     from sim_fixtures import sim_factory, sim_cache  # noqa: F401   (pytest puts tests/ on sys.path)
 
-`sim_factory(name, env={...}, args=[...], dev_mode=True)` starts one
+`sim_factory(name, env={...}, args=[...], dev_mode=True, device=None)` starts one
 simulator on a free port (`--port 0`; the port is read from its "Uvicorn
 running on" line) and returns a `SimProcess`; every simulator it started is
 stopped (SIGKILL if SIGTERM is ignored) at the end of the test.
+`mode_sim_factory` is the same factory once per way the simulator holds a model
+(SIM_MODES): the JSON ledger, and real torch tensors on the CPU (`--device cpu`).
 """
 
 from __future__ import annotations
@@ -23,12 +25,16 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from functools import partial
 from typing import Any, Callable, Iterator
 
 import pytest
 
 READY_RE = re.compile(r"Uvicorn running on http://([^:\s]+):(\d+)")
 START_TIMEOUT = 60.0  # generous: the machine is shared
+#: the simulator's ways of holding a model: the JSON ledger (no torch) and real tensors
+#: (`--device cpu`, marker torch: run in the PyPI venv, skipped where torch is absent)
+SIM_MODES = [pytest.param(None, id="ledger"), pytest.param("cpu", id="torch-cpu", marks=pytest.mark.torch)]
 #: a short greedy completion: the same text each time, so answers compare across sleep and faults
 PROMPT = {"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}
 
@@ -210,9 +216,11 @@ def sim_factory(sim_cache: str) -> Iterator[SimFactory]:
 
     def start(name: str = "alpha", *, env: dict[str, str] | None = None,
               args: list[str] | None = None, dev_mode: bool = True, port: int = 0,
-              wait: bool = True, served_name: str | None = None) -> SimProcess:
+              wait: bool = True, served_name: str | None = None, device: str | None = None) -> SimProcess:
         argv = [sys.executable, "-m", "llmuxd.sim.server", "serve", f"/models/{name}",
                 "--served-model-name", served_name or name, "--port", str(port), *(args or [])]
+        if device is not None:
+            argv += ["--device", device]
         sim = SimProcess(name, argv, sim_env(sim_cache, env, dev_mode))
         started.append(sim)
         if wait:
@@ -222,3 +230,9 @@ def sim_factory(sim_cache: str) -> Iterator[SimFactory]:
     yield start
     for sim in started:
         sim.terminate(timeout=10)
+
+
+@pytest.fixture(params=SIM_MODES)
+def mode_sim_factory(request: pytest.FixtureRequest, sim_factory: SimFactory) -> SimFactory:  # noqa: F811
+    """`sim_factory` in each of SIM_MODES: a test using it runs once per mode."""
+    return partial(sim_factory, device=request.param)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,10 @@ from llmuxd.orchestrator import Orchestrator
 from llmuxd.runtime.subprocess import SubprocessRuntime
 from sysd.helpers import PYTHON, ahttp, completion, free_port
 
-FAKE_CUDA = str(Path(__file__).resolve().parent / "fake-bin" / "cuda-checkpoint")
+FAKE_BIN = Path(__file__).resolve().parent / "fake-bin"
+FAKE_CUDA = str(FAKE_BIN / "cuda-checkpoint")
+#: the simulator with its weights as real tensors on the CPU (32 MiB)
+DEVICE_ARGS = ["--device", "cpu", "--sim-weights-gib", "0.03125"]
 SIM_COMMAND = [PYTHON, "-m", "llmuxd.sim.server", "serve"]
 PROMPT = "What is the capital of France?"
 
@@ -39,12 +43,14 @@ def calls(fake_dir: Path) -> list[str]:
 async def make(tmp_path):
     made: list[Orchestrator] = []
 
-    async def factory(*, eviction: str, checkpoint: bool = True, extra_args=(), env=None, unsafe=None):
+    async def factory(*, eviction: str, checkpoint: bool = True, extra_args=(), env=None, unsafe=None,
+                      gpu_probe: str = "ledger", command=SIM_COMMAND):
         runtime = SubprocessRuntime()
         await runtime.connect()
         data = {
+            "gpu_probe": gpu_probe,
             "models": {"m": {
-                "model_path": "/models/m", "command": SIM_COMMAND, "port": free_port(), "startup_timeout": 120,
+                "model_path": "/models/m", "command": list(command), "port": free_port(), "startup_timeout": 120,
                 "eviction": eviction, "extra_args": list(extra_args), "env": dict(env or {}),
             }},
         }
@@ -132,17 +138,26 @@ def ledger_env(tmp_path) -> dict:
             "LLMUX_SIM_GPU_RESIDUE_MB": "500"}
 
 
-async def test_sleep_that_frees_memory_is_measured(make, tmp_path):
-    orch, manager = await make(eviction="offload+keep_running", checkpoint=False, env=ledger_env(tmp_path))
+@pytest.fixture
+def fake_nvidia_smi(tmp_path, monkeypatch):
+    """tests/fake-bin/nvidia-smi first on PATH, reporting what the simulators hold
+    (their ledger, where ledger_env puts it)."""
+    monkeypatch.setenv("PATH", f"{FAKE_BIN}:{os.environ.get('PATH', '')}")
+    monkeypatch.setenv("FAKE_NVIDIA_SMI_LEDGER", str(tmp_path / "ledger.json"))
+    monkeypatch.setenv("FAKE_NVIDIA_SMI_LOG", str(tmp_path / "nvidia-smi.log"))
+    return tmp_path / "nvidia-smi.log"
+
+
+@pytest.mark.parametrize("gpu_probe", ["ledger", "nvidia-smi", "auto"])
+async def test_sleep_is_measured_and_one_that_keeps_memory_escalates_to_stop(make, tmp_path, fake_nvidia_smi,
+                                                                              gpu_probe, caplog):
+    """The simulators' ledger read directly, or through nvidia-smi (tests/fake-bin) by PID."""
+    orch, manager = await make(eviction="offload+keep_running", checkpoint=False, env=ledger_env(tmp_path),
+                               gpu_probe=gpu_probe)
     await orch.ensure_awake("m")
     await orch.sleep("m", Eviction.parse("offload+keep_running"))
     assert orch.state("m") is BackendState.SLEEPING
-    assert manager.last_residue_mb["m"] == 500
-    assert manager.effectiveness["m"] == pytest.approx(0.875)
-
-
-async def test_sleep_that_keeps_memory_is_caught_and_escalated_to_stop(make, tmp_path, caplog):
-    orch, manager = await make(eviction="offload+keep_running", checkpoint=False, env=ledger_env(tmp_path))
+    assert (manager.last_residue_mb["m"], manager.effectiveness["m"]) == (500, pytest.approx(0.875))
     await orch.ensure_awake("m")
     status, body = await ahttp("POST", f"{orch.endpoint('m')}/sim/fault", {"kind": "sleep_keeps_memory"})
     assert status == 200, body
@@ -151,6 +166,8 @@ async def test_sleep_that_keeps_memory_is_caught_and_escalated_to_stop(make, tmp
     assert "left 4000 MiB on the GPU" in orch.status("m").reason
     assert "still hold 4000 MiB on the GPU" in caplog.text and "escalating to retain+stop" in caplog.text
     assert manager.effectiveness["m"] == 1.0
+    asked_nvidia_smi = fake_nvidia_smi.exists() and "--query-compute-apps" in fake_nvidia_smi.read_text()
+    assert asked_nvidia_smi is (gpu_probe != "ledger")
     await orch.ensure_awake("m")
     assert orch.state("m") is BackendState.READY
 
@@ -163,6 +180,18 @@ async def test_escalation_tries_cuda_suspend_before_stop(make, tmp_path, fake_cu
     # the fake toggle frees nothing in the ledger, so it goes on to stop
     assert any(c.startswith("toggle") for c in calls(fake_cuda))
     assert orch.state("m") is BackendState.STOPPED
+
+
+async def test_a_driver_that_cannot_tell_skips_the_check(make, tmp_path, fake_nvidia_smi, monkeypatch):
+    """nvidia-smi answering "[N/A]" per process is "cannot tell": no escalation on a guess."""
+    monkeypatch.setenv("FAKE_NVIDIA_SMI_MEMORY", "na")
+    orch, manager = await make(eviction="offload+keep_running", checkpoint=False, env=ledger_env(tmp_path),
+                               gpu_probe="nvidia-smi")
+    await orch.ensure_awake("m")
+    await ahttp("POST", f"{orch.endpoint('m')}/sim/fault", {"kind": "sleep_keeps_memory"})
+    await orch.sleep("m", Eviction.parse("offload+keep_running"))
+    assert orch.state("m") is BackendState.SLEEPING
+    assert manager.last_residue_mb["m"] is None and manager.effectiveness["m"] is None
 
 
 def test_expandable_segments_is_stripped_with_a_warning(caplog):
@@ -206,15 +235,39 @@ async def test_garbage_after_discard_wake_stops_marks_unsafe_and_cold_starts(mak
     assert state == {"m": ["discard+keep_running"]}
 
 
-async def test_good_discard_wake_passes_the_canary(make):
+@pytest.mark.parametrize("extra_args", [
+    pytest.param([], id="ledger"), pytest.param(DEVICE_ARGS, id="torch-cpu", marks=pytest.mark.torch)])
+async def test_good_discard_wake_passes_the_canary(make, extra_args):
     verdicts = []
-    orch, _ = await make(eviction="discard+keep_running", checkpoint=False, unsafe=lambda *v: verdicts.append(v))
+    orch, _ = await make(eviction="discard+keep_running", checkpoint=False, unsafe=lambda *v: verdicts.append(v),
+                         extra_args=extra_args)
     await orch.ensure_awake("m")
     pid = orch.status("m").main_pid
     for _ in range(2):
         await orch.sleep("m", Eviction.parse("discard+keep_running"))
         await orch.ensure_awake("m")
     assert orch.status("m").main_pid == pid and verdicts == []
+
+
+@pytest.mark.torch
+async def test_a_wrong_reload_after_discard_is_caught_by_the_canary(make):
+    """reload_weights answers 200 but the weights hold other bytes: only the checksum
+    the answer carries shows it, and the canary stops the model and cold-starts it."""
+    verdicts = []
+    orch, _ = await make(eviction="discard+keep_running", checkpoint=False, unsafe=lambda *v: verdicts.append(v),
+                         extra_args=DEVICE_ARGS)
+    await orch.ensure_awake("m")
+    good = await answer(orch)
+    old_pid = orch.status("m").main_pid
+    await orch.sleep("m", Eviction.parse("discard+keep_running"))
+    status, body = await ahttp("POST", f"{orch.endpoint('m')}/sim/fault", {"kind": "wrong_reload"})
+    assert status == 200, body
+    await orch.ensure_awake("m")
+    assert orch.state("m") is BackendState.READY
+    assert orch.status("m").main_pid != old_pid  # stopped and cold-started
+    assert await answer(orch) == good
+    assert [v[:2] for v in verdicts] == [("m", "discard+keep_running")]
+    assert "deterministic answer changed" in verdicts[0][2]
 
 
 def test_unsafe_verdicts_round_trip_through_the_daemon_state():

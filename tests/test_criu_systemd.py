@@ -66,6 +66,7 @@ async def make(tmp_path):
         env = {"LLMUX_SIM_WEIGHTS_MB": str(WEIGHTS_MB), "LLMUX_SIM_CACHE": str(tmp_path / "sim-cache")}
         config = Config.from_dict({
             "user": "root",
+            "gpu_probe": "ledger",  # the simulators' GPU ledger, where a model's env names one
             "checkpoint": {"criu_path": criu, "images_dir": str(images or tmp_path / "images"),
                            **({"object_store": object_store} if object_store else {})},
             "models": {name: {"model_path": f"/models/{name}", "command": SIM_COMMAND, "port": port or free_port(),

@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import uuid
 
 import pytest
@@ -341,3 +342,88 @@ async def test_a_daemon_reload_does_not_look_like_an_exit(systemd_rt, real_syste
         status = await systemd_rt.stop(handle, timeout=5)
     assert status is not None and exits == []
     assert real_systemd.unit_property(handle.name, "LoadState") == "not-found"
+
+
+# -- GPU device access --------------------------------------------------------
+
+
+@pytest.mark.parametrize("table,indices,minors", [
+    (None, [0, 2], [0, 2]),                                        # no driver loaded: minor = index
+    ({"0000:3b:00.0": 0, "0000:86:00.0": 1}, [1], [1]),
+    # minors need not follow the PCI order the indices count in
+    ({"0000:86:00.0": 0, "0000:3b:00.0": 3, "0000:af:00.0": 1}, [0, 1, 2], [3, 0, 1]),
+    ({"0000:3b:00.0": 5}, [0, 1], [5, 1]),                         # beyond the table: the index
+])
+def test_gpu_indices_map_to_the_drivers_minor_numbers(tmp_path, table, indices, minors):
+    from llmuxd.runtime.systemd import gpu_minors
+
+    root = tmp_path / "gpus"
+    for address, minor in (table or {}).items():
+        (root / address).mkdir(parents=True)
+        (root / address / "information").write_text(
+            f"Model: \t\t NVIDIA H100\nIRQ:   \t\t 42\nDevice Minor: \t {minor}\nBus Location: \t {address}\n")
+    assert gpu_minors(indices, str(root)) == minors
+
+
+@pytest.mark.parametrize("gpus,env,expected", [
+    ([2, 0], {}, {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": "2,0"}),
+    ([1], {"CUDA_DEVICE_ORDER": "FASTEST_FIRST"}, {"CUDA_DEVICE_ORDER": "FASTEST_FIRST", "CUDA_VISIBLE_DEVICES": "1"}),
+    ([], {}, {}),
+])
+def test_gpu_indices_reach_cuda_in_pci_bus_order(gpus, env, expected):
+    """The indices a model names are the ones nvidia-smi shows and DeviceAllow maps."""
+    from llmuxd.config import Config
+    from llmuxd.orchestrator import backend_env
+
+    model = Config.from_dict({"models": {"m": {"model_path": "x", "gpus": gpus, "env": env}}}).models["m"]
+    got = backend_env(model)
+    assert {k: got[k] for k in ("CUDA_DEVICE_ORDER", "CUDA_VISIBLE_DEVICES") if k in got} == expected
+
+
+#: opens each stand-in node and prints "name errno" (0: opened); ENXIO means the devices
+#: cgroup let the open through to the (absent) driver, EPERM that the unit's policy refused it
+OPEN_NODES = """
+import errno, os, sys
+for path in sys.argv[1:]:
+    try:
+        os.close(os.open(path, os.O_RDWR)); code = 0
+    except OSError as exc:
+        code = exc.errno
+    print(os.path.basename(path), errno.errorcode.get(code, code), flush=True)
+"""
+
+
+@pytest.fixture
+def nvidia_nodes(tmp_path):
+    """Stand-in NVIDIA character devices with the driver's real numbers, in a directory
+    of this test (the devices cgroup checks major:minor, not the path; /dev stays untouched)."""
+    nodes = tmp_path / "nodes"
+    nodes.mkdir()
+    numbers = {"nvidiactl": 255, "nvidia-modeset": 254, "nvidia0": 0, "nvidia1": 1, "nvidia2": 2}
+    for name, minor in numbers.items():
+        os.mknod(nodes / name, 0o666 | stat.S_IFCHR, os.makedev(195, minor))
+    os.chmod(tmp_path, 0o755)
+    return nodes
+
+
+async def test_a_unit_opens_its_gpu_and_is_refused_another(systemd_rt, real_systemd, nvidia_nodes):  # noqa: F811
+    """DevicePolicy=closed + DeviceAllow under the real systemd (BPF device control of
+    cgroup v2): the model on GPU 1 reaches GPU 1 and the driver's shared nodes, not GPU 0 or 2."""
+    names = ["nvidiactl", "nvidia-modeset", "nvidia0", "nvidia1", "nvidia2"]
+    model = model_name("gpu")
+    handle = await systemd_rt.start(LaunchSpec(
+        model=model, argv=(PYTHON, "-c", OPEN_NODES, *(str(nvidia_nodes / n) for n in names)), gpus=(1,)))
+    await asyncio.wait_for(handle.exited.wait(), 60)
+    await wait_until(lambda: "nvidia2" in real_systemd.journal(f"LLMUX_MODEL={model}"), what="journal lines")
+    lines = [line.split()[-2:] for line in real_systemd.journal(f"LLMUX_MODEL={model}").splitlines()
+             if line.split() and line.split()[-2:][0] in names]
+    assert dict(lines) == {"nvidiactl": "ENXIO", "nvidia-modeset": "ENXIO", "nvidia1": "ENXIO",
+                           "nvidia0": "EPERM", "nvidia2": "EPERM"}
+
+
+async def test_a_unit_without_gpus_has_no_device_policy(systemd_rt, real_systemd, nvidia_nodes):  # noqa: F811
+    model = model_name("nogpu")
+    handle = await systemd_rt.start(LaunchSpec(
+        model=model, argv=(PYTHON, "-c", OPEN_NODES, str(nvidia_nodes / "nvidia2"))))
+    await asyncio.wait_for(handle.exited.wait(), 60)
+    await wait_until(lambda: "nvidia2 ENXIO" in real_systemd.journal(f"LLMUX_MODEL={model}"), what="journal line")

@@ -108,9 +108,12 @@ async def test_start_transient_unit_sends_exactly_these_properties(runtime, mock
         "Group": ("s", "llmux"),
         "WorkingDirectory": ("s", "/var/lib/llmux"),
         "DevicePolicy": ("s", "closed"),
+        # nvidiactl, nvidia-modeset, the model's two GPUs (no driver table here: minor = index),
+        # then the dynamic majors of nvidia-uvm(-tools) and the MIG capability nodes
         "DeviceAllow": ("a(ss)", [
-            ["/dev/nvidiactl", "rw"], ["/dev/nvidia-uvm", "rw"], ["/dev/nvidia-uvm-tools", "rw"],
-            ["/dev/nvidia0", "rw"], ["/dev/nvidia1", "rw"],
+            ["/dev/char/195:255", "rw"], ["/dev/char/195:254", "rw"],
+            ["/dev/char/195:0", "rw"], ["/dev/char/195:1", "rw"],
+            ["char-nvidia-uvm", "rw"], ["char-nvidia-caps", "rw"],
         ]),
     }
 

@@ -10,12 +10,13 @@ import urllib.request
 import pytest
 
 from llmuxd.sim.ledger import GpuLedger
-from sim_fixtures import PROMPT, SimProcess, sim_cache, sim_factory  # noqa: F401
+from sim_fixtures import PROMPT, SimProcess, mode_sim_factory, sim_cache, sim_factory  # noqa: F401
 
 
 @pytest.fixture
-def sim(sim_factory) -> SimProcess:  # noqa: F811
-    return sim_factory("faulty")
+def sim(mode_sim_factory) -> SimProcess:  # noqa: F811
+    """The fault tests run against both ways the simulator holds a model (SIM_MODES)."""
+    return mode_sim_factory("faulty")
 
 
 @pytest.mark.parametrize("kind,method,path,body", [

@@ -7,12 +7,18 @@ import math
 
 import pytest
 
-from sim_fixtures import SimProcess, sim_cache, sim_factory  # noqa: F401
+from sim_fixtures import SimProcess, mode_sim_factory, sim_cache, sim_factory  # noqa: F401
 
 
 @pytest.fixture
 def sim(sim_factory) -> SimProcess:  # noqa: F811
     return sim_factory("alpha")
+
+
+@pytest.fixture
+def any_sim(mode_sim_factory) -> SimProcess:  # noqa: F811
+    """For the inference tests: once per way the simulator holds a model (SIM_MODES)."""
+    return mode_sim_factory("alpha")
 
 
 def sse_events(body: bytes) -> list[str]:
@@ -69,10 +75,10 @@ def test_version_models_load_ping(sim):
     assert sim.request("GET", "/ping")[0] == 200
 
 
-def test_completion_is_deterministic_at_temperature_0_and_names_its_model(sim):
+def test_completion_is_deterministic_at_temperature_0_and_names_its_model(any_sim):
     body = {"model": "alpha", "prompt": "The capital of France is", "max_tokens": 7,
             "temperature": 0}
-    status, headers, raw = sim.request("POST", "/v1/completions", body)
+    status, headers, raw = any_sim.request("POST", "/v1/completions", body)
     first = json.loads(raw)
     assert status == 200 and headers["X-Sim-Model"] == "alpha"
     assert first["object"] == "text_completion" and first["id"].startswith("cmpl-")
@@ -81,9 +87,9 @@ def test_completion_is_deterministic_at_temperature_0_and_names_its_model(sim):
     assert choice["finish_reason"] == "length" and choice["text"].strip()
     assert first["usage"]["completion_tokens"] == 7
     assert first["usage"]["total_tokens"] == first["usage"]["prompt_tokens"] + 7
-    _, second = sim.json("POST", "/v1/completions", body)
+    _, second = any_sim.json("POST", "/v1/completions", body)
     assert second["choices"][0]["text"] == choice["text"]
-    _, other = sim.json("POST", "/v1/completions", {**body, "prompt": "Something else"})
+    _, other = any_sim.json("POST", "/v1/completions", {**body, "prompt": "Something else"})
     assert other["choices"][0]["text"] != choice["text"]
 
 
@@ -93,22 +99,22 @@ def test_completion_defaults_to_16_tokens_like_vllm(sim):
     assert data["choices"][0]["finish_reason"] == "length"
 
 
-def test_chat_completion(sim):
+def test_chat_completion(any_sim):
     body = {"model": "alpha", "messages": [{"role": "user", "content": "Hello"}],
             "temperature": 0}
-    status, data = sim.json("POST", "/v1/chat/completions", body)
+    status, data = any_sim.json("POST", "/v1/chat/completions", body)
     assert status == 200 and data["object"] == "chat.completion"
     msg = data["choices"][0]["message"]
     assert msg["role"] == "assistant" and msg["content"].strip()
     assert data["choices"][0]["finish_reason"] == "stop"
     assert data["system_fingerprint"] == "llmux-sim:alpha"
-    assert sim.json("POST", "/v1/chat/completions", body)[1]["choices"][0]["message"] == msg
+    assert any_sim.json("POST", "/v1/chat/completions", body)[1]["choices"][0]["message"] == msg
 
 
-def test_streamed_completion_matches_the_plain_one(sim):
+def test_streamed_completion_matches_the_plain_one(any_sim):
     body = {"prompt": "stream me", "max_tokens": 5, "temperature": 0}
-    _, plain = sim.json("POST", "/v1/completions", body)
-    status, headers, raw = sim.request(
+    _, plain = any_sim.json("POST", "/v1/completions", body)
+    status, headers, raw = any_sim.request(
         "POST", "/v1/completions",
         {**body, "stream": True, "stream_options": {"include_usage": True}})
     assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
@@ -122,9 +128,9 @@ def test_streamed_completion_matches_the_plain_one(sim):
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 5
 
 
-def test_streamed_chat(sim):
+def test_streamed_chat(any_sim):
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True}
-    status, _, raw = sim.request("POST", "/v1/chat/completions", body)
+    status, _, raw = any_sim.request("POST", "/v1/chat/completions", body)
     chunks = [json.loads(e) for e in sse_events(raw)[:-1]]
     assert status == 200
     assert chunks[0]["object"] == "chat.completion.chunk"
@@ -133,14 +139,14 @@ def test_streamed_chat(sim):
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
 
 
-def test_embeddings_are_deterministic_unit_vectors(sim):
+def test_embeddings_are_deterministic_unit_vectors(any_sim):
     body = {"model": "alpha", "input": ["one", "two"]}
-    status, data = sim.json("POST", "/v1/embeddings", body)
+    status, data = any_sim.json("POST", "/v1/embeddings", body)
     assert status == 200 and data["object"] == "list" and data["model"] == "alpha"
     vecs = [d["embedding"] for d in data["data"]]
     assert [len(v) for v in vecs] == [384, 384] and vecs[0] != vecs[1]
     assert math.isclose(sum(x * x for x in vecs[0]), 1.0, rel_tol=1e-4)
-    assert sim.json("POST", "/v1/embeddings", body)[1]["data"][0]["embedding"] == vecs[0]
+    assert any_sim.json("POST", "/v1/embeddings", body)[1]["data"][0]["embedding"] == vecs[0]
 
 
 @pytest.mark.parametrize("path,body", [

@@ -9,12 +9,15 @@ from typing import Any, Callable
 import aiohttp
 import pytest
 
-from sim_fixtures import PROMPT, SimProcess, sim_cache, sim_factory  # noqa: F401
+from sim_fixtures import PROMPT, SimProcess, mode_sim_factory, sim_cache, sim_factory  # noqa: F401
+
+
+# every test here runs against both ways the simulator holds a model (sim_fixtures.SIM_MODES)
 
 
 @pytest.fixture
-def sim(sim_factory) -> SimProcess:  # noqa: F811
-    return sim_factory("alpha")
+def sim(mode_sim_factory) -> SimProcess:  # noqa: F811
+    return mode_sim_factory("alpha")
 
 
 def sleep_state_metric(sim: SimProcess) -> str:
@@ -167,8 +170,8 @@ async def running_completion(http: aiohttp.ClientSession, sim: SimProcess, promp
     return req
 
 
-async def test_requests_are_held_while_asleep_not_rejected(sim_factory):  # noqa: F811
-    sim = sim_factory("held")
+async def test_requests_are_held_while_asleep_not_rejected(mode_sim_factory):  # noqa: F811
+    sim = mode_sim_factory("held")
     async with aiohttp.ClientSession() as http:
         assert (await post_json(http, sim.url("/sleep?level=1")))[0] == 200
         held = asyncio.ensure_future(post_json(http, sim.url("/v1/completions"), PROMPT))
@@ -185,8 +188,8 @@ async def test_requests_are_held_while_asleep_not_rejected(sim_factory):  # noqa
         assert (await asyncio.wait_for(embed, 60))[0] == 200
 
 
-async def test_sleep_abort_ends_in_flight_requests_with_finish_reason_abort(sim_factory):  # noqa: F811
-    sim = sim_factory("abort", env={"LLMUX_SIM_TOKENS_PER_S": "100"})
+async def test_sleep_abort_ends_in_flight_requests_with_finish_reason_abort(mode_sim_factory):  # noqa: F811
+    sim = mode_sim_factory("abort", env={"LLMUX_SIM_TOKENS_PER_S": "100"})
     async with aiohttp.ClientSession() as http:
         long = await running_completion(http, sim, "long", 2000)
         assert (await post_json(http, sim.url("/sleep?level=1&mode=abort")))[0] == 200
@@ -196,8 +199,8 @@ async def test_sleep_abort_ends_in_flight_requests_with_finish_reason_abort(sim_
         assert data["usage"]["completion_tokens"] < 2000
 
 
-async def test_sleep_abort_ends_a_stream_cleanly(sim_factory):  # noqa: F811
-    sim = sim_factory("abortstream", env={"LLMUX_SIM_TOKENS_PER_S": "100"})
+async def test_sleep_abort_ends_a_stream_cleanly(mode_sim_factory):  # noqa: F811
+    sim = mode_sim_factory("abortstream", env={"LLMUX_SIM_TOKENS_PER_S": "100"})
     async with aiohttp.ClientSession() as http:
         async with http.post(sim.url("/v1/completions"),
                              json={"prompt": "long", "max_tokens": 2000, "stream": True}) as resp:
@@ -207,8 +210,8 @@ async def test_sleep_abort_ends_a_stream_cleanly(sim_factory):  # noqa: F811
         assert '"finish_reason": "abort"' in rest and rest.endswith("data: [DONE]\n\n")
 
 
-async def test_sleep_keep_freezes_requests_until_wake(sim_factory):  # noqa: F811
-    sim = sim_factory("keep", env={"LLMUX_SIM_TOKENS_PER_S": "50"})
+async def test_sleep_keep_freezes_requests_until_wake(mode_sim_factory):  # noqa: F811
+    sim = mode_sim_factory("keep", env={"LLMUX_SIM_TOKENS_PER_S": "50"})
     async with aiohttp.ClientSession() as http:
         req = await running_completion(http, sim, "keep me", 200)
         assert (await post_json(http, sim.url("/sleep?level=1&mode=keep")))[0] == 200
@@ -221,8 +224,8 @@ async def test_sleep_keep_freezes_requests_until_wake(sim_factory):  # noqa: F81
         assert data["usage"]["completion_tokens"] == 200
 
 
-async def test_sleep_wait_blocks_until_in_flight_requests_finish(sim_factory):  # noqa: F811
-    sim = sim_factory("wait", env={"LLMUX_SIM_TOKENS_PER_S": "50"})
+async def test_sleep_wait_blocks_until_in_flight_requests_finish(mode_sim_factory):  # noqa: F811
+    sim = mode_sim_factory("wait", env={"LLMUX_SIM_TOKENS_PER_S": "50"})
     async with aiohttp.ClientSession() as http:
         req = await running_completion(http, sim, "wait for me", 60)
         assert (await post_json(http, sim.url("/sleep?level=1&mode=wait")))[0] == 200
@@ -232,8 +235,8 @@ async def test_sleep_wait_blocks_until_in_flight_requests_finish(sim_factory):  
         assert status == 200 and data["choices"][0]["finish_reason"] == "length"
 
 
-async def test_max_num_seqs_makes_the_rest_wait(sim_factory):  # noqa: F811
-    sim = sim_factory("narrow", env={"LLMUX_SIM_TOKENS_PER_S": "20"}, args=["--max-num-seqs", "1"])
+async def test_max_num_seqs_makes_the_rest_wait(mode_sim_factory):  # noqa: F811
+    sim = mode_sim_factory("narrow", env={"LLMUX_SIM_TOKENS_PER_S": "20"}, args=["--max-num-seqs", "1"])
     async with aiohttp.ClientSession() as http:
         reqs = [asyncio.ensure_future(post_json(http, sim.url("/v1/completions"),
                                                 {"prompt": f"p{i}", "max_tokens": 20}))
@@ -243,8 +246,8 @@ async def test_max_num_seqs_makes_the_rest_wait(sim_factory):  # noqa: F811
         assert [r[1]["choices"][0]["finish_reason"] for r in results] == ["length", "length"]
 
 
-async def test_request_held_through_a_level_2_wake_without_reload_is_garbage(sim_factory):  # noqa: F811
-    sim = sim_factory("heldl2")
+async def test_request_held_through_a_level_2_wake_without_reload_is_garbage(mode_sim_factory):  # noqa: F811
+    sim = mode_sim_factory("heldl2")
     async with aiohttp.ClientSession() as http:
         await post_json(http, sim.url("/sleep?level=2"))
         held = asyncio.ensure_future(post_json(http, sim.url("/v1/completions"), PROMPT))

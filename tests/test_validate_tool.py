@@ -24,6 +24,7 @@ def config_dict(tmp_path) -> dict:
     env = {"LLMUX_SIM_GPU_LEDGER": str(tmp_path / "ledger.json"), "LLMUX_SIM_GPU_MB": "4000",
            "LLMUX_SIM_GPU_RESIDUE_MB": "500"}
     return {
+        "gpu_probe": "ledger",  # the simulator's ledger stands in for the GPU
         "checkpoint": {"images_dir": str(tmp_path / "images")},
         "models": {"m": {"model_path": "/models/m", "command": SIM_COMMAND, "port": free_port(),
                          "startup_timeout": 120, "env": env}},

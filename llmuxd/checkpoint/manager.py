@@ -33,7 +33,7 @@ from llmuxd.checkpoint.catalogue import (
 )
 from llmuxd.checkpoint.criu import CRIU_SAFE_ENV, Criu, ExternalSocket, log_errors, pid_taken_error, restore_argv
 from llmuxd.checkpoint.errors import CheckpointBusy, CheckpointError, ImageRejected
-from llmuxd.checkpoint.gpu_probe import GpuProbe, default_probe, driver_versions
+from llmuxd.checkpoint.gpu_probe import GpuProbe, ProbeFactory, driver_versions, make_probe_factory, probe_problem
 from llmuxd.errors import BackendError, LLMuxError, NotSupported
 from llmuxd.eviction import STOP_EVICTION, Eviction, ProcessStrategy, WeightStrategy
 from llmuxd.lifecycle import BackendState
@@ -81,7 +81,7 @@ class CheckpointManager:
     """Catalogue, CRIU, cuda-checkpoint, GPU probe and canary for one daemon."""
 
     def __init__(self, config: Any, *, command_prefix: tuple[str, ...] | list[str] = (),
-                 probe_factory: Callable[[dict[str, str]], GpuProbe] | None = None,
+                 probe_factory: ProbeFactory | None = None,
                  on_unsafe: UnsafeCallback | None = None, store_settings: Any = None,
                  report: Callable[[Any], None] | None = None):
         self.config = config
@@ -98,7 +98,10 @@ class CheckpointManager:
                                                 command_prefix=command_prefix)
         self.keep_images = bool(getattr(cp, "keep_images", True))
         self.canary = Canary(on_unsafe)
-        self._probe_factory = probe_factory or (lambda env: default_probe(env))
+        #: the configured `gpu_probe` (tests may pass their own factory instead)
+        self.probe_kind = str(getattr(config, "gpu_probe", "auto"))
+        self._own_probe = probe_factory is None
+        self._probe_factory = probe_factory or make_probe_factory(self.probe_kind)
         #: model -> fraction of its GPU memory the last sleep freed (None: not measurable)
         self.effectiveness: dict[str, float | None] = {}
         self.last_residue_mb: dict[str, int | None] = {}
@@ -131,6 +134,10 @@ class CheckpointManager:
         """Problems that will make configured evictions fail, one line each with the fix
         (the daemon logs them at start: a model then falls back to stop, not silently)."""
         problems = []
+        if self._own_probe:
+            problem = probe_problem(self.probe_kind)
+            if problem:
+                problems.append(problem)
         processes = {mc.eviction.process for mc in self.config.models.values()}
         if ProcessStrategy.CHECKPOINT in processes and self.criu is not None:
             reason = await self.criu.check()
@@ -444,9 +451,13 @@ class CheckpointManager:
         and measurements of the remaining models are kept."""
         new_store_config = getattr(getattr(config, "checkpoint", None), "object_store", None)
         keep_store = self.store is not None and new_store_config == self.store.config
-        fresh = CheckpointManager(config, command_prefix=self.cuda.command_prefix, probe_factory=self._probe_factory,
+        same_probe = not self._own_probe or getattr(config, "gpu_probe", "auto") == self.probe_kind
+        fresh = CheckpointManager(config, command_prefix=self.cuda.command_prefix,
+                                  probe_factory=self._probe_factory if same_probe else None,
                                   on_unsafe=self.canary._on_unsafe, store_settings=self._store_settings,
                                   report=self._report)
+        if not same_probe:
+            self.probe_kind, self._probe_factory = fresh.probe_kind, fresh._probe_factory
         self.config, self.checkpoint_config = config, fresh.checkpoint_config
         self.catalogue, self.criu, self.cuda, self.keep_images = fresh.catalogue, fresh.criu, fresh.cuda, fresh.keep_images
         if not keep_store:  # uploads under way finish (or fail) on the old store; new ones use the new one

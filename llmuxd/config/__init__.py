@@ -23,6 +23,7 @@ from llmuxd.config.schema import (
     DEFAULT_PORT_RANGE,
     DEFAULT_STATE_DIR,
     DROPIN_DIRNAME,
+    GPU_PROBES,
     POLICY_TYPES,
     CheckpointConfig,
     Config,
@@ -45,5 +46,5 @@ __all__ = [
     "PolicyConfig", "load_config", "parse_duration", "parse_listen", "parse_size",
     "tensor_parallel_size_from_args", "DEFAULT_CONFIG_PATH", "DEFAULT_GROUP", "DEFAULT_LISTEN",
     "DEFAULT_MAX_BODY_BYTES", "DEFAULT_PORT_RANGE", "DEFAULT_STATE_DIR", "DROPIN_DIRNAME",
-    "POLICY_TYPES", "DURATION_HELP", "SIZE_HELP",
+    "GPU_PROBES", "POLICY_TYPES", "DURATION_HELP", "SIZE_HELP",
 ]

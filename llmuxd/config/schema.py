@@ -36,6 +36,10 @@ DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 DEFAULT_STATE_DIR = "/var/lib/llmux"
 DEFAULT_GROUP = "default"
 POLICY_TYPES = ("fifo", "cost_aware", "time_slice")
+#: where verified eviction reads a backend's GPU memory (llmuxd/checkpoint/gpu_probe.py):
+#: auto = NVML when pynvml and a driver answer, else nvidia-smi when it works, else none;
+#: ledger = the simulator's JSON ledger named by the model's LLMUX_SIM_GPU_LEDGER (tests, demos)
+GPU_PROBES = ("auto", "nvml", "nvidia-smi", "ledger", "none")
 
 
 class GroupConfig(StrictModel):
@@ -160,6 +164,7 @@ class Config(StrictModel):
     warmup: Bool = False
     stop_backends_on_exit: Bool = False
     user: Optional[NonEmptyStr] = "llmux"
+    gpu_probe: Str = "auto"
     #: files read, in order (main file first, then drop-ins)
     sources: List[str] = []
     #: which file defined each model (the last one, when redefined)
@@ -171,6 +176,12 @@ class Config(StrictModel):
     def _default_group(cls, v: Dict[str, GroupConfig]) -> Dict[str, GroupConfig]:  # noqa: N805
         if DEFAULT_GROUP not in v:
             v = {DEFAULT_GROUP: GroupConfig(), **v}
+        return v
+
+    @pyd.validator("gpu_probe")
+    def _known_probe(cls, v: str) -> str:  # noqa: N805
+        if v not in GPU_PROBES:
+            raise ValueError(f"unknown GPU probe {v!r}; allowed: {', '.join(GPU_PROBES)}")
         return v
 
     @pyd.validator("port_range")

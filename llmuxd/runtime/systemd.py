@@ -23,7 +23,7 @@ import os
 import shutil
 import signal
 from collections import OrderedDict
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from dbus_fast import BusType, Message, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
@@ -64,8 +64,17 @@ DBUS_PATH = "/org/freedesktop/DBus"
 DESCRIPTION_PREFIX = "llmux backend: "
 #: the Environment entry that marks a unit as llmux's (checked on adopt)
 MARKER_VAR = JOURNAL_MODEL_FIELD
-#: device nodes every CUDA process needs besides its /dev/nvidiaN
-NVIDIA_CONTROL_DEVICES = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools")
+#: NVIDIA's fixed character major: /dev/nvidiaN is 195:<the GPU's minor>, /dev/nvidiactl
+#: 195:255, /dev/nvidia-modeset 195:254. Allowed as /dev/char/MAJ:MIN, which systemd
+#: parses without the node: NVIDIA nodes are often created lazily (nvidia-modprobe),
+#: and a DeviceAllow= path that does not exist when the unit starts is silently dropped.
+NVIDIA_MAJOR = 195
+NVIDIA_CONTROL_MINORS = (255, 254)  # nvidiactl, nvidia-modeset
+#: drivers with a dynamic major, allowed by their /proc/devices name: nvidia-uvm
+#: (/dev/nvidia-uvm, /dev/nvidia-uvm-tools) and nvidia-caps (/dev/nvidia-caps/*, MIG)
+NVIDIA_DYNAMIC_MAJORS = ("char-nvidia-uvm", "char-nvidia-caps")
+#: the driver's table of GPUs: one directory per PCI address, "Device Minor: N" inside
+NVIDIA_PROC_GPUS = "/proc/driver/nvidia/gpus"
 #: ExecMainCode values (waitid si_code)
 CLD_EXITED = 1
 #: how many finished-but-unclaimed job results are kept
@@ -128,13 +137,45 @@ def transient_unit_properties(spec: LaunchSpec, exec_path: str) -> list[list[Any
     if spec.working_directory:
         props.append(["WorkingDirectory", Variant("s", spec.working_directory)])
     if spec.gpus:
-        # /dev/nvidiaN uses the driver's minor number, which equals the index on
-        # the usual single-root systems; CUDA_VISIBLE_DEVICES carries the index.
-        devices = [[node, "rw"] for node in NVIDIA_CONTROL_DEVICES]
-        devices += [[f"/dev/nvidia{gpu}", "rw"] for gpu in spec.gpus]
+        # a model that names its GPUs may open those and the driver's shared nodes,
+        # nothing else; one that names none may use every GPU (no device policy)
         props.append(["DevicePolicy", Variant("s", "closed")])
-        props.append(["DeviceAllow", Variant("a(ss)", devices)])
+        props.append(["DeviceAllow", Variant("a(ss)", nvidia_device_allow(gpu_minors(spec.gpus)))])
     return props
+
+
+def nvidia_device_allow(minors: Sequence[int]) -> list[list[str]]:
+    """DeviceAllow= entries for a CUDA process on the GPUs with these minor numbers."""
+    nodes = [f"/dev/char/{NVIDIA_MAJOR}:{minor}" for minor in (*NVIDIA_CONTROL_MINORS, *minors)]
+    return [[node, "rw"] for node in (*nodes, *NVIDIA_DYNAMIC_MAJORS)]
+
+
+def gpu_minors(indices: Sequence[int], proc_gpus: str = NVIDIA_PROC_GPUS) -> list[int]:
+    """The /dev/nvidiaN minor of each GPU index. Indices count in PCI bus order (llmux
+    sets CUDA_DEVICE_ORDER=PCI_BUS_ID, the order nvidia-smi and NVML show), which is
+    the order of the driver's table; without the table (no driver loaded yet) the
+    minor is taken to be the index, as on most machines."""
+    try:
+        addresses = sorted(os.listdir(proc_gpus))
+    except OSError:
+        return list(indices)
+    minors = []
+    for index in indices:
+        minor = _device_minor(os.path.join(proc_gpus, addresses[index])) if index < len(addresses) else None
+        minors.append(index if minor is None else minor)
+    return minors
+
+
+def _device_minor(gpu_dir: str) -> int | None:
+    try:
+        with open(os.path.join(gpu_dir, "information")) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "Device Minor":
+                    return int(value.strip())
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 class _UnitHandle(Handle):

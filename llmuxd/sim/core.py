@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
+from llmuxd.sim.device import DeviceOutOfMemory, DeviceState, import_torch
 from llmuxd.sim.ledger import GpuLedger, GpuOutOfMemory
 from llmuxd.sim.settings import SimSettings
 from llmuxd.sim.weights import ensure_weights_file, read_weights
@@ -33,6 +34,7 @@ FAULT_KINDS = (
     "fail_wake",  # /wake_up answers 500
     "hang_sleep",  # /sleep never answers (until the fault is cleared)
     "fail_reload",  # collective_rpc reload_weights answers 500
+    "wrong_reload",  # reload_weights answers 200 but brings back the wrong bytes
     "sleep_keeps_memory",  # /sleep answers 200 but keeps the GPU reservation (vLLM #32714)
     "crash",  # the process exits now (code 1)
     "crash_mid_stream",  # the process exits in the middle of the next streamed response
@@ -81,6 +83,10 @@ class GenRequest:
     natural_stop: bool  # finish with "stop" (else "length")
     rng: random.Random
     garbage: bool
+    #: the greedy answer's seed before the weights checksum is mixed in (None: sampled)
+    basis: int | None = None
+    #: the weights checksum read when the request was admitted (--device)
+    checksum: str = ""
     abort_evt: asyncio.Event = field(default_factory=asyncio.Event)
     produced: int = 0
     finish_reason: str | None = None
@@ -113,6 +119,8 @@ class SimCore:
         self.weights: bytearray | None = None
         self.weights_path: str | None = None
         self.weights_valid = True
+        #: real tensors with --device (llmuxd/sim/device.py); None in ledger mode
+        self.device: DeviceState | None = None
         # gpu
         self.ledger = (
             GpuLedger(settings.gpu_ledger, settings.gpu_capacity_mb) if settings.gpu_ledger else None
@@ -131,7 +139,10 @@ class SimCore:
 
     def load(self) -> None:
         """Cold start, before the port is bound: reserve GPU memory (may fail
-        like CUDA OOM) and read the weights into host RAM."""
+        like CUDA OOM) and read the weights into host RAM; with --device, onto the device."""
+        if self.s.device is not None:
+            self._load_device()
+            return
         if self.ledger is not None and self.s.gpu_mb > 0:
             self.ledger.reserve(self.s.gpu_mb, model=self.s.name)
             self.gpu_reserved_mb = self.s.gpu_mb
@@ -139,7 +150,35 @@ class SimCore:
             self.weights_path = ensure_weights_file(self.s.cache_dir, self.s.model, self.s.weights_mb)
             self.weights = read_weights(self.weights_path, drop_cache=self.s.drop_cache)
 
+    def _load_device(self) -> None:
+        path = ensure_weights_file(self.s.cache_dir, self.s.model, self.s.weights_mb)
+        self.weights_path = path
+        self.device = DeviceState(import_torch(), self.s.device, path, self.s.weights_mb << 20,
+                                  utilization=self.s.gpu_memory_utilization, kv_gib=self.s.kv_cache_gib,
+                                  drop_cache=self.s.drop_cache)
+        try:
+            self.device.load()
+        except BaseException:
+            self.device.release()
+            raise
+        self._note_device()
+
+    def _note_device(self) -> None:
+        """With --device, gpu_reserved_mb reports what the tensors hold."""
+        if self.device is not None:
+            self.gpu_reserved_mb = self.device.state()["device_bytes"] >> 20
+
+    async def _on_device(self, fn: Callable[[], Any]) -> None:
+        """Run a device operation (copies of whole weights) off the event loop."""
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, fn)
+        finally:
+            self._note_device()
+
     def release_gpu(self) -> None:
+        if self.device is not None:
+            self.device.release()
+            self._note_device()
         if self.ledger is not None and self.gpu_reserved_mb:
             try:
                 self.ledger.release()
@@ -266,10 +305,40 @@ class SimCore:
                 if level >= 2:
                     self.weights = None  # discarded; wake gets fresh (garbage) memory
                 if self.take_fault("sleep_keeps_memory") is None:
-                    self._set_gpu(self._gpu_target_mb())
+                    if self.device is not None:
+                        await self._on_device(self._device_sleep(level))
+                    else:
+                        self._set_gpu(self._gpu_target_mb())
             elif self.sleep_level is None:
                 self.sleep_level = level
             self.op_durations["sleep"].append(time.monotonic() - t0)
+
+    def _device_sleep(self, level: int) -> Callable[[], None]:
+        device = self.device
+        assert device is not None
+
+        def run() -> None:
+            if level >= 2:
+                device.discard_weights()
+            else:
+                device.offload_weights()
+            device.free_kv()
+        return run
+
+    async def _device_wake(self, woke: set[str]) -> None:
+        """Bring the woken tags back onto the device (level 2 weights: fresh memory)."""
+        device = self.device
+        assert device is not None
+
+        def run() -> None:
+            if "weights" in woke:
+                device.wake_weights()
+            if "kv_cache" in woke:
+                device.wake_kv()
+        try:
+            await self._on_device(run)
+        except DeviceOutOfMemory as exc:
+            raise SimError(500, f"Call to wake_up method failed: {exc}") from None
 
     async def wake_up(self, tags: list[str] | None) -> None:
         async with self._sleep_lock:
@@ -289,11 +358,17 @@ class SimCore:
                 old = self.sleeping_tags
                 self.sleeping_tags = remaining
                 try:
-                    self._set_gpu(self._gpu_target_mb())
+                    if self.device is not None:
+                        await self._device_wake(woke)
+                    else:
+                        self._set_gpu(self._gpu_target_mb())
                 except GpuOutOfMemory as exc:
                     self.sleeping_tags = old
                     raise SimError(500, f"Call to wake_up method failed: {exc}") from None
-                if "weights" in woke and self.weights is None and self.s.weights_mb > 0:
+                except SimError:
+                    self.sleeping_tags = old
+                    raise
+                if "weights" in woke and self.weights is None and self.s.weights_mb > 0 and self.device is None:
                     self.weights = bytearray(self.s.weights_mb << 20)  # fresh, not loaded
                 if "weights" in woke and self.sleep_level == 2:
                     self.weights_valid = False  # vLLM #29341: needs reload_weights
@@ -326,11 +401,16 @@ class SimCore:
             if "weights" in self.sleeping_tags:
                 raise SimError(500, "Call to collective_rpc method failed: reload_weights needs the "
                                     "weights awake; call /wake_up?tags=weights first")
-            if self.weights_path is not None:
+            wrong = self.take_fault("wrong_reload") is not None
+            if self.device is not None:
+                device = self.device
+                await self._on_device(lambda: device.reload(corrupt=wrong))
+            elif self.weights_path is not None:
                 self.weights = await asyncio.get_running_loop().run_in_executor(
                     None, read_weights, self.weights_path, self.weights, self.s.drop_cache
                 )
-            self.weights_valid = True
+            # without --device no answer reads the bytes: a wrong reload shows as garbage
+            self.weights_valid = not (wrong and self.device is None)
             return None
         if method in ("suspend_nccl", "resume_nccl"):
             return None
@@ -353,7 +433,9 @@ class SimCore:
             n, natural = max(0, int(max_tokens)), False
         rid = f"{prefix}-{hashlib.sha256(os.urandom(8)).hexdigest()[:16]}"
         garbage = self.take_fault("garbage") is not None
-        return GenRequest(rid, prompt, n, natural, rng, garbage)
+        sampled = temperature > 0 and seed is None
+        greedy_basis = None if sampled else int.from_bytes(basis, "big") ^ (seed or 0)
+        return GenRequest(rid, prompt, n, natural, rng, garbage, basis=greedy_basis)
 
     async def _step(self, delay: float) -> None:
         """Wait for the next engine step. One timer for all running requests,
@@ -389,6 +471,11 @@ class SimCore:
         self.requests[req.rid] = req
         if not self.weights_valid:
             req.garbage = True
+        if self.device is not None:
+            # the answer is a function of the bytes the weights hold now
+            req.checksum = self.device.checksum()
+            if req.basis is not None:
+                req.rng = random.Random(req.basis ^ int(req.checksum or "0", 16))
 
     async def generate(self, req: GenRequest) -> AsyncIterator[str]:
         """Yield the tokens of `req`, honouring sleep (hold), abort and keep.
@@ -438,6 +525,18 @@ class SimCore:
 
     # ---------------------------------------------------------------- report
 
+    @property
+    def _weights_loaded(self) -> bool:
+        if self.device is not None:
+            return self.device.weights is not None or self.device.host_copy is not None
+        return self.weights is not None
+
+    @property
+    def _weights_bytes(self) -> int:
+        if self.device is not None:
+            return self.device.weights_bytes if self._weights_loaded else 0
+        return len(self.weights) if self.weights is not None else 0
+
     def state(self) -> dict[str, Any]:
         return {
             "model": self.s.model,
@@ -449,9 +548,11 @@ class SimCore:
             "scheduler_paused": self.scheduler_paused,
             "sleep_state": self.sleep_state,
             "dev_mode": self.s.dev_mode,
-            "weights_loaded": self.weights is not None,
+            "weights_loaded": self._weights_loaded,
             "weights_valid": self.weights_valid,
-            "weights_bytes": len(self.weights) if self.weights is not None else 0,
+            "weights_bytes": self._weights_bytes,
+            "weights_checksum": self.device.checksum() if self.device is not None else None,
+            "device": self.device.state() if self.device is not None else None,
             "weights_path": self.weights_path,
             "gpu_ledger": self.s.gpu_ledger,
             "gpu_need_mb": self.s.gpu_mb,

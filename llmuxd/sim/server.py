@@ -13,6 +13,20 @@ accepted and ignored, except `--tensor-parallel-size/-tp` (recorded), `--max-mod
 together, at LLMUX_SIM_TOKENS_PER_S.
 `--port 0` binds a free port; the "Uvicorn running on http://HOST:PORT" line names it.
 
+Real device memory (optional, needs `pip install 'llmux[torch]'`; without torch `--device` is a
+one-line error naming that extra): `--device cuda|cpu` holds the weights and the KV cache as
+torch tensors on that device instead of booking them in the JSON ledger (llmuxd/sim/device.py).
+`--sim-weights-gib G` sizes the weights (default LLMUX_SIM_WEIGHTS_MB, else 256 MiB), read at
+start from the weights file under LLMUX_SIM_CACHE (written once); the KV cache is what
+`--gpu-memory-utilization U` (default 0.9) leaves of the GPU as vLLM sizes it, on the CPU
+VLLM_CPU_KVCACHE_SPACE GiB (default: as much as the weights), or `--sim-kv-cache-gib K`.
+Sleep level 1 copies the weights to host memory (pinned on CUDA) and frees both on the device
+(`torch.cuda.empty_cache()`); level 2 frees both, and its wake gets uninitialised weights until
+`reload_weights` reads the file again. Every answer reads the weights through a small matmul
+whose checksum seeds the greedy text and comes back in `X-Sim-Weights-Checksum` (plain JSON
+answers): wrong bytes after a wake give a different answer. The LLMUX_SIM_GPU_* ledger variables
+are not used with `--device`; `/sim/state` reports `device` and `weights_checksum`.
+
 What it matches (reference/vllm-api.md): `/health` (200, empty body; refused while loading,
 because the port is bound only once "loaded"), `/version`, `/ping`, `/load`, `/v1/models`,
 `/tokenize`, `/detokenize`, `/v1/completions`, `/v1/chat/completions` (JSON and SSE),
@@ -64,8 +78,10 @@ Fault injection (always mounted, not part of vLLM):
 - `POST /sim/fault {"kind": K, "count": N, "seconds": S}` arms a fault. `count` is how many
   times it fires (default 1; -1 = until cleared; 0 = clear). Kinds: `fail_sleep` and
   `fail_wake` (HTTP 500), `hang_sleep` (/sleep never answers until cleared), `fail_reload`
-  (`reload_weights` 500), `sleep_keeps_memory` (sleep answers 200 but keeps its GPU
-  reservation, vLLM #32714; default until cleared), `crash` (exit 1 now), `crash_mid_stream`
+  (`reload_weights` 500), `wrong_reload` (`reload_weights` answers 200 but brings back the wrong
+  bytes: with `--device` the first MiB is zeroed, so the checksum and the answer change; without
+  it the answers are garbage), `sleep_keeps_memory` (sleep answers 200 but keeps its GPU
+  reservation, or with `--device` its tensors, vLLM #32714; default until cleared), `crash` (exit 1 now), `crash_mid_stream`
   (exit 1 during the next streamed response), `engine_dead` (/health 503, inference 500,
   until cleared), `garbage` (outputs are garbage; default until
   cleared), `latency` (`seconds` added to every request; until cleared), `slow_start` (the next
@@ -94,10 +110,13 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 
 from llmuxd.sim.core import SLEEP_MODES, GenRequest, SimCore, SimError
+from llmuxd.sim.device import DeviceOutOfMemory, import_torch
 from llmuxd.sim.ledger import GpuOutOfMemory
 from llmuxd.sim.settings import VLLM_VERSION, SimSettings, parse_args
 
 SIM_MODEL_HEADER = "X-Sim-Model"
+#: the weights checksum an answer was computed with (--device; plain JSON answers)
+SIM_CHECKSUM_HEADER = "X-Sim-Weights-Checksum"
 CORE_KEY = "llmux_sim_core"
 TASKS_KEY = "llmux_sim_handler_tasks"
 
@@ -507,7 +526,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
         **head, "choices": choices, "service_tier": None,
         "system_fingerprint": _fingerprint(core), "usage": _usage("\n".join(prompts), total),
         "kv_transfer_params": None, "ec_transfer_params": None, "metrics": None,
-    })
+    }, headers=_checksum_headers(reqs))
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -565,7 +584,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         "service_tier": None, "system_fingerprint": _fingerprint(core),
         "usage": _usage(prompt, req.produced), "prompt_logprobs": None,
         "prompt_token_ids": None, "kv_transfer_params": None,
-    })
+    }, headers=_checksum_headers([req]))
+
+
+def _checksum_headers(reqs: list[GenRequest]) -> dict[str, str]:
+    """The weights checksum the answer was computed with (--device only)."""
+    sums = sorted({r.checksum for r in reqs if r.checksum})
+    return {SIM_CHECKSUM_HEADER: ",".join(sums)} if sums else {}
 
 
 async def _send(resp: web.StreamResponse, payload: dict[str, Any]) -> None:
@@ -863,6 +888,15 @@ async def serve(settings: SimSettings) -> int:
               f"cannot hold {settings.gpu_mb} MB; stop another model or raise its capacity)",
               file=sys.stderr, flush=True)
         return 1
+    except DeviceOutOfMemory as exc:
+        print(f"torch.OutOfMemoryError: {exc} (llmux-vllm-sim --device {settings.device}: weights "
+              f"{settings.weights_mb} MiB plus the KV cache do not fit)", file=sys.stderr, flush=True)
+        core.release_gpu()
+        return 1
+    except ValueError as exc:  # the KV cache cannot be sized (vLLM's own messages)
+        print(f"ValueError: {exc}", file=sys.stderr, flush=True)
+        core.release_gpu()
+        return 1
     except OSError as exc:
         print(f"llmux-vllm-sim: cannot load the model (weights cache {settings.cache_dir}, "
               f"GPU ledger {settings.gpu_ledger}): {exc}", file=sys.stderr, flush=True)
@@ -957,6 +991,15 @@ def _connections_closed(runner: web.AppRunner) -> bool:
     return True
 
 
+def _check_device(device: str) -> None:
+    """Fail at once, in one line, when --device cannot work here."""
+    torch = import_torch()
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"llmux-vllm-sim: --device cuda, but torch {torch.__version__} finds no CUDA device "
+                         "(a CPU build, or no driver); use --device cpu")
+    log(f"device {device}: weights and KV cache are torch tensors (torch {torch.__version__})")
+
+
 def main(argv: list[str] | None = None) -> None:
     settings = parse_args(sys.argv[1:] if argv is None else argv)
     log(f"vLLM API server version {VLLM_VERSION} (llmux-vllm-sim)")
@@ -966,6 +1009,8 @@ def main(argv: list[str] | None = None) -> None:
         print("ValueError: Sleep mode is not supported on current platform.", file=sys.stderr,
               flush=True)
         raise SystemExit(1)
+    if settings.device is not None:
+        _check_device(settings.device)
     if settings.dev_mode:
         log("SECURITY WARNING: Development endpoints are enabled! This should NOT be used in production!")
     raise SystemExit(asyncio.run(serve(settings)))

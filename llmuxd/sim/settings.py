@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass, field
 
 VLLM_VERSION = "0.32.0"
+#: weights of a --device simulator that names no size (MiB)
+DEFAULT_DEVICE_WEIGHTS_MB = 256
 
 # vLLM flags that take no value (everything else starting with -- may take one)
 _BOOL_FLAGS = {
@@ -71,6 +73,12 @@ class SimSettings:
     platform: str = "cuda"
     legacy_503: bool = False
     workers: int = 0
+    #: None = the JSON ledger only (no torch); "cuda" | "cpu" = real tensors (llmuxd/sim/device.py)
+    device: str | None = None
+    #: vLLM's --gpu-memory-utilization (sizes the KV cache with --device cuda)
+    gpu_memory_utilization: float = 0.9
+    #: --sim-kv-cache-gib: the KV cache size, overriding how vLLM would size it
+    kv_cache_gib: float | None = None
     ignored_flags: list[str] = field(default_factory=list)
 
     @property
@@ -79,11 +87,15 @@ class SimSettings:
 
 
 _VALUE_FLAGS = {"--model", "--port", "--host", "--max-model-len", "--tensor-parallel-size", "-tp",
-                "--shutdown-timeout", "--max-num-seqs"}
+                "--shutdown-timeout", "--max-num-seqs", "--gpu-memory-utilization", "--device",
+                "--sim-weights-gib", "--sim-kv-cache-gib"}
+DEVICES = ("cuda", "cpu")
 
 USAGE = (
     "usage: llmux-vllm-sim serve MODEL [--port P] [--host H] [--served-model-name NAME ...]\n"
-    "       llmux-vllm-sim --model MODEL [--port P] ...   (other vLLM flags are accepted and ignored)"
+    "       llmux-vllm-sim --model MODEL [--port P] ...   (other vLLM flags are accepted and ignored)\n"
+    "       --device cuda|cpu [--sim-weights-gib G] [--gpu-memory-utilization U] [--sim-kv-cache-gib K]\n"
+    "                         weights and KV cache as real torch tensors (needs llmux[torch])"
 )
 
 
@@ -162,6 +174,17 @@ def parse_args(argv: list[str]) -> SimSettings:
             raise SystemExit(f"llmux-vllm-sim: {flag} {raw!r} is not a number\n{USAGE}")
 
     env = os.environ
+    device = (values.get("--device") or [None])[0]
+    if device is not None and device not in DEVICES:
+        raise SystemExit(f"llmux-vllm-sim: --device {device!r} is not one of {', '.join(DEVICES)}\n{USAGE}")
+    utilization = num("--gpu-memory-utilization", 0.9, float)
+    if not 0 < utilization <= 1:
+        raise SystemExit(f"llmux-vllm-sim: --gpu-memory-utilization {utilization} must be in (0, 1]")
+    weights_gib = num("--sim-weights-gib", -1.0, float)
+    weights_mb = int(round(weights_gib * 1024)) if weights_gib >= 0 else _env_int("LLMUX_SIM_WEIGHTS_MB", 0)
+    if device is not None and weights_mb <= 0:
+        weights_mb = DEFAULT_DEVICE_WEIGHTS_MB
+    kv_gib = num("--sim-kv-cache-gib", -1.0, float)
     tp = num("--tensor-parallel-size", 0) or num("-tp", 0) or _env_int("LLMUX_SIM_TP", 1)
     return SimSettings(
         model=model,
@@ -175,7 +198,7 @@ def parse_args(argv: list[str]) -> SimSettings:
         shutdown_timeout=num("--shutdown-timeout", 0.0, float),
         dev_mode=env.get("VLLM_SERVER_DEV_MODE", "") in ("1", "true", "True"),
         load_time=_env_float("LLMUX_SIM_LOAD_TIME", 0.0),
-        weights_mb=_env_int("LLMUX_SIM_WEIGHTS_MB", 0),
+        weights_mb=weights_mb,
         cache_dir=env.get("LLMUX_SIM_CACHE", "") or "/tmp/llmux-sim-cache",
         drop_cache=env.get("LLMUX_SIM_DROP_CACHE", "1") != "0",
         tokens_per_s=_env_float("LLMUX_SIM_TOKENS_PER_S", 200.0),
@@ -192,5 +215,8 @@ def parse_args(argv: list[str]) -> SimSettings:
         platform=env.get("LLMUX_SIM_PLATFORM", "cuda"),
         legacy_503=env.get("LLMUX_SIM_LEGACY_503", "") == "1",
         workers=max(0, _env_int("LLMUX_SIM_WORKERS", 0)),
+        device=device,
+        gpu_memory_utilization=utilization,
+        kv_cache_gib=kv_gib if kv_gib >= 0 else None,
         ignored_flags=ignored,
     )

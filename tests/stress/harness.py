@@ -160,6 +160,7 @@ def config_data(
         "listen": f"127.0.0.1:{free_port()}",
         "max_body_bytes": 1024 * 1024,
         "state_dir": str(tmp / "state"),
+        "gpu_probe": "ledger",  # verified eviction reads the simulators' ledger
         "policy": {
             "type": "fifo",
             "request_timeout": REQUEST_TIMEOUT,
