@@ -24,7 +24,7 @@ from llmuxd.errors import LLMuxError, UnknownModel
 from llmuxd.http.body import MODEL_HEADER, check_declared_length, model_from, read_body
 from llmuxd.http.errors import RouteNotFound, error_response
 from llmuxd.http.proxy import Upstream
-from llmuxd.metrics import NO_MODEL, Metrics
+from llmuxd.metrics import NO_MODEL, WAITED_THRESHOLD_S, Metrics
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,7 @@ class FrontEnd:
         started = self.clock()
         model = NO_MODEL
         status = 500
+        wait = 0.0
         try:
             body = await read_body(request, self.max_body, self.body_timeout)
             name = model_from(body, request.headers.get(MODEL_HEADER))
@@ -121,9 +122,12 @@ class FrontEnd:
                 raise UnknownModel(name, self.model_names)
             model = name
             waited_from = self.clock()
-            lease = await self.switcher.acquire(model, timeout=self.request_timeout)
             try:
-                self.metrics.observe_queue_wait(model, self.clock() - waited_from)
+                lease = await self.switcher.acquire(model, timeout=self.request_timeout)
+            finally:
+                wait = self.clock() - waited_from
+            try:
+                self.metrics.observe_queue_wait(model, wait)
                 response = await self.upstream.forward(request, model, lease.endpoint, body)
             finally:
                 lease.release()
@@ -142,7 +146,7 @@ class FrontEnd:
             status = response.status
             return response
         finally:
-            self.metrics.observe_request(model, status, self.clock() - started)
+            self.metrics.observe_request(model, status, self.clock() - started, wait > WAITED_THRESHOLD_S)
 
     def _fail(self, exc: LLMuxError, model: str) -> web.Response:
         """The one mapping from llmux errors to responses."""
