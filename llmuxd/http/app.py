@@ -178,7 +178,7 @@ class FrontEnd:
             "state": getattr(state, "value", state) if state is not None else "unknown",
             "eviction": str(eviction) if eviction is not None else None,
         }
-        for field in ("group", "in_flight", "queue_depth", "last_error"):
+        for field in ("process_state", "group", "in_flight", "queue_depth", "last_error"):
             if ms is not None and hasattr(ms, field):
                 llmux[field] = getattr(ms, field)
         return {
