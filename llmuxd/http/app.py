@@ -223,6 +223,18 @@ class FrontEnd:
         response.headers["Content-Type"] = content_type
         return response
 
+    def make_metrics_app(self) -> web.Application:
+        """The app of `metrics_port` (llmux 0.7's metrics server): GET /metrics only."""
+        app = web.Application()
+        app.router.add_get("/metrics", self.metrics_page)
+        app.router.add_route("*", "/{tail:.*}", self.metrics_not_found)
+        return app
+
+    async def metrics_not_found(self, request: web.Request) -> web.Response:
+        return error_response(RouteNotFound(
+            f"no route {request.method} {request.path} on the metrics port; it serves GET /metrics "
+            "(inference is on the listen address)"))
+
     async def not_found(self, request: web.Request) -> web.Response:
         return error_response(
             RouteNotFound(f"no route {request.method} {request.path}; llmux serves {SERVED}")
