@@ -118,3 +118,15 @@ def test_a_busy_metrics_port_stops_the_start_and_says_which_key(tmp_path):
                          r"or null to turn it off", d.log()), d.log()
     finally:
         taken.close()
+
+
+@pytest.mark.parametrize("listen,address", [
+    ("127.0.0.1:3000", "127.0.0.1:9090"),
+    ("0.0.0.0:3000", "0.0.0.0:9090"),  # listen says "everywhere": so does the metrics port
+    ("[::1]:3000", "[::1]:9090"),
+    ("unix:/run/llmux/llmux.sock", "127.0.0.1:9090"),
+])
+def test_the_metrics_port_binds_the_host_of_listen(listen, address):
+    from llmuxd.http.listen import beside
+
+    assert beside(listen, 9090) == address
