@@ -7,40 +7,15 @@ from __future__ import annotations
 import json
 
 import pytest
-from dbus_fast import MessageType, Variant
+from dbus_fast import Variant
 
-from llmuxd.names import MANAGER_IFACE, MANAGER_PATH, MODEL_IFACE, model_object_path
-from test_bus_support import call, connect, disconnect, error_of, start_service, system_bus  # noqa: F401
-from test_ctl import llmuxctl
+from llmuxd.names import MODEL_IFACE, model_object_path
+from test_bus_service import client, ok  # noqa: F401  (fixture)
+from test_bus_support import call, error_of, system_bus  # noqa: F401  (fixture)
+from test_ctl import env, llmuxctl, running  # noqa: F401  (fixtures)
 
 PINNED = "io.llmux.LLMux1.Error.ModelPinned"
 INVALID = "org.freedesktop.DBus.Error.InvalidArgs"
-
-
-@pytest.fixture
-async def running(system_bus):
-    system_bus.mock_call("SetAllowed", "as", [[]])
-    r = await start_service(system_bus.address)
-    yield r
-    await r.close()
-
-
-@pytest.fixture
-async def client(system_bus, running):
-    bus = await connect(system_bus.address)
-    yield bus
-    await disconnect(bus)
-
-
-@pytest.fixture
-def env(system_bus):
-    return {"DBUS_SYSTEM_BUS_ADDRESS": system_bus.address}
-
-
-async def ok(bus, member, signature="", body=None, **kw):
-    reply = await call(bus, member, signature, body, **kw)
-    assert reply.message_type == MessageType.METHOD_RETURN, (reply.error_name, reply.body)
-    return reply.body
 
 
 def opts(**values):
