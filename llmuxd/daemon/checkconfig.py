@@ -1,4 +1,4 @@
-"""`llmuxd check-config [FILE]`: validate a config without starting anything.
+"""`llmuxd check-config [--strict] [FILE]`: validate a config without starting anything.
 
 Prints the effective configuration (YAML, every default filled in, backend
 ports resolved) on stdout and exits 0, or prints each problem on stderr as
