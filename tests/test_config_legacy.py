@@ -224,3 +224,19 @@ def test_unknown_policy_type_is_an_error_that_says_07_fell_back_to_fifo(tmp_path
         f"{path}: policy.policy_type: unknown policy 'cost-aware'; allowed: fifo, cost_aware, time_slice "
         "(llmux 0.7 silently used fifo for an unknown policy_type; write 'fifo' to keep that)"
     )
+
+
+def test_unknown_keys_are_dropped_without_touching_the_callers_data():
+    data = {"checkpoint": {"object_store": {"endpoint": "e", "bucket": "b", "acess_key": "k"}}}
+    config = Config.from_dict(data)
+    assert config.checkpoint.object_store.access_key is None
+    assert data == {"checkpoint": {"object_store": {"endpoint": "e", "bucket": "b", "acess_key": "k"}}}
+
+
+def test_metrics_port_on_the_listen_port_is_an_error(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text('{"port": 3000, "metrics_port": 3000}')
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    assert str(info.value) == (f"{path}: metrics_port: 3000 is the listen port, which serves /metrics already; "
+                               "give metrics_port another port, or null")

@@ -369,15 +369,16 @@ def _translate(error: Dict[str, Any], data: Mapping[str, Any]) -> Tuple[Tuple[An
     return loc, error["msg"]
 
 
-def _drop(data: Any, loc: Tuple[Any, ...]) -> None:
-    """Remove the key at `loc` from the normalised data (an unknown key)."""
+def _drop(data: Dict[str, Any], loc: Tuple[Any, ...]) -> None:
+    """Remove the key at `loc` (an unknown key) from the normalised data,
+    copying the mappings on the way: the caller's data stays as it was."""
+    node = data
     for part in loc[:-1]:
-        try:
-            data = data[part]
-        except (KeyError, IndexError, TypeError):
+        child = node.get(part)
+        if not isinstance(child, dict):
             return
-    if isinstance(data, dict):
-        data.pop(loc[-1], None)
+        node[part] = node = dict(child)
+    node.pop(loc[-1], None)
 
 
 def _parse(data: Dict[str, Any], issues: Issues) -> Optional[Config]:
