@@ -154,10 +154,6 @@ class DaemonCore:
     def addresses(self) -> list[str]:
         return self.http.addresses
 
-    @property
-    def metrics_addresses(self) -> list[str]:
-        return self.metrics_http.addresses if self.metrics_http is not None else []
-
     async def _start_metrics_port(self) -> None:
         """Serve /metrics on metrics_port too. Bound here, not through
         HttpServer's own binding, so it never takes systemd's activation sockets."""

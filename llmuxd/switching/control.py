@@ -8,6 +8,7 @@ is no path that wakes or sleeps a model behind the switcher's back.
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Any, Awaitable, Callable, Dict, List, Optional
 
 from llmuxd.errors import InvalidEviction, ModelPinned, SwitchTimeout, UnknownModel
@@ -69,12 +70,11 @@ class Controls:
             if not force and self._pinned is not None:
                 raise ModelPinned(model, self._pinned, forceable=True)
             if force:
-                previous = self._pinned
+                on_failure = functools.partial(self._restore_pin, model, self._pinned)
                 self._set_mode(Mode.MANUAL, model)
-                on_failure = lambda: self._unpin_failed(model, previous)  # noqa: E731
         await self._control_switch(m, wait, timeout, on_failure)
 
-    def _unpin_failed(self, model: str, previous: Optional[str]) -> None:
+    def _restore_pin(self, model: str, previous: Optional[str]) -> None:
         """A forced switch failed: the pin goes back, unless something moved it since."""
         if self._mode is Mode.MANUAL and self._pinned == model:
             self._set_mode(Mode.MANUAL, previous)

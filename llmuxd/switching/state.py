@@ -160,10 +160,6 @@ class Lease:
         return f"<Lease {self.model} {self.endpoint} {state}>"
 
 
-#: the vocabulary of ModelStatus.process_state (llmux 0.7's process_state), besides
-#: "sleeping:WEIGHTS+PROCESS"
-PROCESS_STATES = ("not_started", "starting", "running", "sleeping", "checkpointed", "stopped", "failed")
-
 _PROCESS_STATE = {
     BackendState.NOT_STARTED: "not_started",
     BackendState.STARTING: "starting",
