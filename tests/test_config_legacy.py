@@ -240,3 +240,11 @@ def test_metrics_port_on_the_listen_port_is_an_error(tmp_path):
         load_config(str(path))
     assert str(info.value) == (f"{path}: metrics_port: 3000 is the listen port, which serves /metrics already; "
                                "give metrics_port another port, or null")
+
+
+def test_a_07_config_copied_to_llmux_yaml_is_read_as_07(tmp_path):
+    path = tmp_path / "llmux.yaml"
+    path.write_text(EVERY_KEY.read_text())
+    config = load_config(str(path))
+    assert config.listen == "127.0.0.1:3300" and config.models["tiny"].startup_timeout == 900.0
+    assert str(config.models["tiny"].eviction) == "discard+keep_running"
