@@ -111,7 +111,7 @@ class Metrics:
         # llmux 0.7's names for what the metrics above also count (dashboards built on 0.7)
         self.switches_07 = Counter(
             "llmux_switches_total",
-            "Successful switches to a model (llmux 0.7's name; llmux_switch_total{result=\"ok\"} with a target)",
+            "Successful switches to a model (llmux 0.7's name; ours is llmux_switch_total, result ok)",
             ["from", "to"],
             registry=r,
         )
@@ -124,7 +124,7 @@ class Metrics:
         )
         self.switch_failures_07 = Counter(
             "llmux_switch_failures_total",
-            "Failed switches, by target (llmux 0.7's name; llmux_switch_total{result=\"failed\"})",
+            "Failed switches, by target (llmux 0.7's name; ours is llmux_switch_total, result failed)",
             ["to"],
             registry=r,
         )
