@@ -1,7 +1,8 @@
 """llmuxctl: control llmuxd over D-Bus.
 
     llmuxctl status                      models, states, queues
-    llmuxctl switch MODEL                switch and show progress; exit status by result
+    llmuxctl switch [--force] MODEL      switch and show progress; exit status by result
+                                         (--force: in manual mode, move the pin to MODEL)
     llmuxctl pin MODEL | unpin | mode auto|manual
     llmuxctl sleep MODEL [EVICTION] | wake MODEL
     llmuxctl eviction MODEL [EVICTION | --reset]
@@ -28,7 +29,7 @@ import subprocess
 import sys
 from typing import Any, Optional, Sequence
 
-from dbus_fast import Message
+from dbus_fast import Message, Variant
 
 from llmuxd.bus.client import NOT_RUNNING, BusCallError, LLMuxClient
 from llmuxd.bus.errors import ACCESS_DENIED, INTERACTIVE_AUTH_REQUIRED
@@ -61,7 +62,7 @@ def format_status(status: dict) -> str:
     head = f"llmux {status.get('version', '?')}: {status.get('state', '?')}, mode {status.get('mode', '?')}"
     if status.get("pinned"):
         head += f", pinned to {status['pinned']}"
-    rows = [("MODEL", "STATE", "EVICTION", "IN-FLIGHT", "QUEUE", "WAIT", "UNIT")]
+    rows = [("MODEL", "STATE", "PROCESS", "EVICTION", "IN-FLIGHT", "QUEUE", "WAIT", "UNIT")]
     for name in sorted(status.get("models", {})):
         m = status["models"][name]
         state = m.get("state", "")
@@ -71,6 +72,7 @@ def format_status(status: dict) -> str:
             (
                 name,
                 state,
+                m.get("process_state", "") or "-",
                 m.get("eviction", ""),
                 str(m.get("in_flight", 0)),
                 str(m.get("queue_depth", 0)),
@@ -103,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("switch", help="switch to MODEL, showing progress")
     s.add_argument("model")
     s.add_argument("--no-wait", action="store_true", help="return once the switch is queued")
+    s.add_argument("--force", action="store_true",
+                   help="in manual mode, move the pin to MODEL and switch (as llmux 0.7's /control/switch did)")
     s.add_argument("--timeout", type=float, default=0.0, metavar="SECONDS", help="give up after SECONDS (default: the daemon's)")
     s = sub.add_parser("pin", help="manual mode, pinned to MODEL")
     s.add_argument("model")
@@ -226,8 +230,12 @@ class Ctl:
 
     async def cmd_switch(self, c: LLMuxClient) -> int:
         model = self.args.model
+        timeout_usec = int(max(0.0, self.args.timeout) * 1_000_000)
         if self.args.no_wait:
-            await c.call("Switch", "s", [model])
+            if self.args.force:
+                await c.call("SwitchWithOptions", "sa{sv}", [model, {"force": Variant("b", True)}])
+            else:
+                await c.call("Switch", "s", [model])
             self.emit(f"switch to {model} queued", {"model": model, "queued": True})
             return EXIT_OK
         finished: list[list] = []
@@ -244,8 +252,11 @@ class Ctl:
                     print(f"  {name}: {state.value}", flush=True)
 
         await c.watch(on_signal)
-        timeout_usec = int(max(0.0, self.args.timeout) * 1_000_000)
-        await c.call("SwitchAndWait", "st", [model, timeout_usec])
+        if self.args.force:
+            options = {"force": Variant("b", True), "wait": Variant("b", True), "timeout_usec": Variant("t", timeout_usec)}
+            await c.call("SwitchWithOptions", "sa{sv}", [model, options])
+        else:  # the method every llmuxd has
+            await c.call("SwitchAndWait", "st", [model, timeout_usec])
         mine = [f for f in finished if f[1] == model and f[2]]
         took = f" in {_seconds(mine[-1][3])}" if mine else ""
         self.emit(

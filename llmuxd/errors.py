@@ -44,10 +44,13 @@ class ModelPinned(LLMuxError):
     http_status = 503
     openai_type = "service_unavailable"
 
-    def __init__(self, model: str, pinned: str | None, retry_after: float | None = None):
+    def __init__(self, model: str, pinned: str | None, retry_after: float | None = None, *, forceable: bool = False):
         target = f"'{pinned}'" if pinned else "the active model"
+        # `forceable`: a control switch was refused; say how to move the pin instead
+        hint = (f"; to move the pin to it and switch, force it: llmuxctl switch --force {model} "
+                "(bus: SwitchWithOptions with force=true)") if forceable else ""
         super().__init__(
-            f"llmux is in manual mode, pinned to {target}; '{model}' is not served until unpinned",
+            f"llmux is in manual mode, pinned to {target}; '{model}' is not served until unpinned{hint}",
             retry_after=retry_after,
         )
         self.model = model

@@ -9,7 +9,8 @@ dependency arrows point one way.
 from __future__ import annotations
 
 import enum
-from typing import Callable, Protocol
+from dataclasses import dataclass
+from typing import Callable, Optional, Protocol
 
 from llmuxd.eviction import Eviction
 
@@ -42,6 +43,16 @@ class ModelPhase(str, enum.Enum):
         return self.value
 
 
+@dataclass(frozen=True)
+class BackendDetail:
+    """A backend's state plus what status pages show with it: how it sleeps
+    (the eviction it sleeps with, after any escalation) and why it failed."""
+
+    state: BackendState
+    eviction: Optional[Eviction] = None
+    reason: Optional[str] = None
+
+
 class Backends(Protocol):
     """Per-model lifecycle operations. Every method raises `BackendError`
     (model, phase, reason) on failure and leaves the model in a state
@@ -58,6 +69,9 @@ class Backends(Protocol):
         already-stopped model."""
 
     def state(self, model: str) -> BackendState: ...
+
+    # Optional: `detail(model) -> BackendDetail`. The switcher's status uses it
+    # when present (the orchestrator has it) and falls back to `state()`.
 
     def endpoint(self, model: str) -> str:
         """Base URL of the backend, e.g. http://127.0.0.1:8101."""

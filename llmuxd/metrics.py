@@ -8,6 +8,14 @@ per-model gauges (in flight, queue depth, active model) are read from
 `Switcher.status()` when /metrics is scraped, so they can never drift from the
 switcher's own bookkeeping.
 
+llmux 0.7's names all exist (README "Metrics" has the table): where ours
+mean the same under another name, 0.7's is exported beside it
+(`llmux_switches_total`, `llmux_switch_total_seconds`, `llmux_in_flight`,
+`llmux_switch_failures_total`); `llmux_requests_total` carries both label
+sets, {model,status} (ours) and {model,waited} (0.7's), as one counter with
+three labels, since one name cannot have two label sets — queries that sum
+by either pair work unchanged.
+
 Works on prometheus-client 0.16 (Debian 12) and current releases.
 """
 
@@ -30,6 +38,9 @@ SWITCH_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 30
 #: user input must not become a label value (unbounded cardinality)
 NO_MODEL = ""
 
+#: a request "waited" when its lease took longer than this (llmux 0.7's definition)
+WAITED_THRESHOLD_S = 0.001
+
 SLEEP_EFFECTIVENESS = "llmux_sleep_effectiveness_ratio"
 
 
@@ -41,8 +52,8 @@ class Metrics:
         r = self.registry
         self.requests_total = Counter(
             "llmux_requests_total",
-            "Inference requests answered, by model and HTTP status",
-            ["model", "status"],
+            "Inference requests answered, by model, HTTP status and whether they waited for their model",
+            ["model", "status", "waited"],
             registry=r,
         )
         self.request_duration = Histogram(
@@ -73,7 +84,7 @@ class Metrics:
         )
         self.switch_total = Counter(
             "llmux_switch_total",
-            "Model switches, by result (ok or failed)",
+            "Model switches, by result: ok, failed, or skipped (nobody waited for it any more)",
             ["from", "to", "result"],
             registry=r,
         )
@@ -97,6 +108,32 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        # llmux 0.7's names for what the metrics above also count (dashboards built on 0.7)
+        self.switches_07 = Counter(
+            "llmux_switches_total",
+            "Successful switches to a model (llmux 0.7's name; ours is llmux_switch_total, result ok)",
+            ["from", "to"],
+            registry=r,
+        )
+        self.switch_seconds_07 = Histogram(
+            "llmux_switch_total_seconds",
+            "Whole time of successful switches to a model (llmux 0.7's name for llmux_switch_duration_seconds)",
+            ["from", "to"],
+            buckets=SWITCH_BUCKETS,
+            registry=r,
+        )
+        self.switch_failures_07 = Counter(
+            "llmux_switch_failures_total",
+            "Failed switches, by target (llmux 0.7's name; ours is llmux_switch_total, result failed)",
+            ["to"],
+            registry=r,
+        )
+        self.in_flight_07 = Gauge(
+            "llmux_in_flight",
+            "Requests being served by the model (llmux 0.7's name for llmux_model_in_flight)",
+            ["model"],
+            registry=r,
+        )
         self.backend_exits = Counter(
             "llmux_backend_exits_total",
             "Backends that exited on their own (crash, OOM kill), not stopped by llmux",
@@ -114,8 +151,8 @@ class Metrics:
 
     # -- requests -----------------------------------------------------------
 
-    def observe_request(self, model: str, status: int, duration: float) -> None:
-        self.requests_total.labels(model, str(status)).inc()
+    def observe_request(self, model: str, status: int, duration: float, waited: bool = False) -> None:
+        self.requests_total.labels(model, str(status), "true" if waited else "false").inc()
         if model != NO_MODEL:
             self.request_duration.labels(model).observe(duration)
 
@@ -135,11 +172,18 @@ class Metrics:
                 return
             src = event.from_model or ""
             dst = event.to_model or ""
-            self.switch_total.labels(src, dst, "ok" if event.ok else "failed").inc()
+            skipped = bool(getattr(event, "skipped", False))
+            result = "ok" if event.ok else ("skipped" if skipped else "failed")
+            self.switch_total.labels(src, dst, result).inc()
             if event.ok:
                 self.switch_duration.labels(src, dst).observe(event.duration)
                 for phase, seconds in (event.phases or {}).items():
                     self.switch_phase.labels(phase, src, dst).observe(seconds)
+                if dst:  # 0.7 counted switches to a model; a plain sleep is none
+                    self.switches_07.labels(src, dst).inc()
+                    self.switch_seconds_07.labels(src, dst).observe(event.duration)
+            elif not skipped:
+                self.switch_failures_07.labels(dst).inc()
         except Exception:  # noqa: BLE001 - a metrics bug must not break a switch
             log.exception("metrics: could not record switch event %r", event)
 
@@ -154,7 +198,9 @@ class Metrics:
         for name in models:
             self.active_model.labels(name).set(1 if name in active else 0)
             ms = per_model.get(name)
-            self.in_flight.labels(name).set(getattr(ms, "in_flight", 0) or 0)
+            in_flight = getattr(ms, "in_flight", 0) or 0
+            self.in_flight.labels(name).set(in_flight)
+            self.in_flight_07.labels(name).set(in_flight)
             self.queue_depth.labels(name).set(getattr(ms, "queue_depth", 0) or 0)
         if self.effectiveness_source is not None:
             for name, ratio in self.effectiveness_source().items():

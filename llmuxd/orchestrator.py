@@ -26,7 +26,7 @@ from typing import Any, Callable, Protocol
 from llmuxd.engine.errors import BackendExited
 from llmuxd.errors import BackendError, LLMuxError, NotSupported, UnknownModel
 from llmuxd.eviction import Eviction, ProcessStrategy, WeightStrategy
-from llmuxd.lifecycle import BackendState, ModelPhase  # ModelPhase re-exported: callers import it from here
+from llmuxd.lifecycle import BackendDetail, BackendState, ModelPhase  # ModelPhase re-exported: callers import it from here
 from llmuxd.runtime.base import ExitStatus, Handle, LaunchSpec, Runtime, RunState, check_port_free
 
 log = logging.getLogger("llmuxd.orchestrator")
@@ -242,6 +242,11 @@ class Orchestrator:
 
     def status(self, model: str) -> ModelStatus:
         return self._get(model).status
+
+    def detail(self, model: str) -> BackendDetail:
+        """State, sleeping eviction and failure reason, for the switcher's status."""
+        st = self._get(model).status
+        return BackendDetail(_BACKEND_STATE[st.phase], st.eviction, st.reason)
 
     def endpoint(self, model: str) -> str:
         mc = self._get(model).config

@@ -38,7 +38,7 @@ from typing import Any, Awaitable, Callable, Dict, Iterable, List, Optional
 
 from llmuxd.errors import ModelPinned, QueueFull, SwitchTimeout, UnknownModel
 from llmuxd.events import ModelStateChanged, SwitchEvent
-from llmuxd.lifecycle import Backends, BackendState
+from llmuxd.lifecycle import BackendDetail, Backends, BackendState
 from llmuxd.policies import NOW, Decision, Policy, PolicyContext, SwitchCosts, make_policy
 from llmuxd.policies.base import AwakeModel, TickContext, WaitingModel
 from llmuxd.switching.control import Controls
@@ -57,6 +57,7 @@ from llmuxd.switching.state import (
     Op,
     SwitcherStatus,
     Waiter,
+    process_state,
 )
 
 __all__ = [
@@ -513,6 +514,9 @@ class Switcher(Controls, SwitchPhases):
                 endpoint: Optional[str] = self._backends.endpoint(name)
             except Exception:  # noqa: BLE001
                 endpoint = None
+            backend = self._backend_detail(name)
+            process = process_state(m.state, backend)
+            last_error = m.last_error or (backend.reason if process == "failed" else None)
             models[name] = ModelStatus(
                 name=name,
                 state=m.state.value,
@@ -521,9 +525,10 @@ class Switcher(Controls, SwitchPhases):
                 in_flight=m.in_flight,
                 queue_depth=len(m.queue),
                 wait_estimate=self._wait_estimate(m),
-                last_error=m.last_error,
+                last_error=last_error,
                 last_switch_s=m.last_switch_s,
                 endpoint=endpoint,
+                process_state=process,
             )
         groups: Dict[str, GroupStatus] = {}
         state: Optional[str] = None
@@ -551,6 +556,15 @@ class Switcher(Controls, SwitchPhases):
             groups=groups,
             policy=self._policy.name,
         )
+
+    def _backend_detail(self, model: str) -> BackendDetail:
+        """The backend's view of `model` (`Backends.detail` is optional)."""
+        try:
+            detail = getattr(self._backends, "detail", None)
+            return detail(model) if detail is not None else BackendDetail(self._backends.state(model))
+        except Exception:  # noqa: BLE001 - a status page must not fail on one model
+            log.exception("reading the backend state of '%s' failed", model)
+            return BackendDetail(BackendState.NOT_STARTED)
 
     @property
     def mode(self) -> str:

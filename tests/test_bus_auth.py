@@ -56,6 +56,7 @@ def test_every_method_has_a_decision_and_changes_need_an_action():
     assert table == {
         "Switch": ACTION_CONTROL,
         "SwitchAndWait": ACTION_CONTROL,
+        "SwitchWithOptions": ACTION_CONTROL,
         "Pin": ACTION_CONTROL,
         "Unpin": ACTION_CONTROL,
         "SetMode": ACTION_CONTROL,

@@ -93,7 +93,7 @@ async def test_introspection_names_arguments_and_marks_volatile_properties(clien
 
 async def test_properties_of_manager_and_model(client):
     assert await get(client, MANAGER_PATH, MANAGER_IFACE, "Version") == "0.1.0-test"
-    assert await get(client, MANAGER_PATH, MANAGER_IFACE, "APIVersion") == 1
+    assert await get(client, MANAGER_PATH, MANAGER_IFACE, "APIVersion") == 2
     assert await get(client, MANAGER_PATH, MANAGER_IFACE, "Models") == [LLAMA, QWEN]
     assert await get(client, MANAGER_PATH, MANAGER_IFACE, "State") == "idle"
     assert await get(client, QWEN, MODEL_IFACE, "Name") == "qwen-7b"

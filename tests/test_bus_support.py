@@ -72,6 +72,7 @@ class ModelStatus:
     last_error: Optional[str] = None
     last_switch_s: Optional[float] = None
     endpoint: str = ""
+    process_state: str = "not_started"
 
 
 @dataclass
@@ -181,11 +182,13 @@ class FakeSwitcher:
         self._set_state(model, "ready")
         self._emit(SwitchFinished("default", old, model, True, 0.25))
 
-    async def switch(self, model: str, wait: bool = True, timeout: Optional[float] = None) -> None:
-        self.calls.append(("switch", model, wait, timeout))
+    async def switch(self, model: str, wait: bool = True, timeout: Optional[float] = None, force: bool = False) -> None:
+        self.calls.append(("switch", model, wait, timeout) + (("force",) if force else ()))
         self._check(model)
         if self.mode == "manual" and self.pinned and model != self.pinned:
-            raise ModelPinned(model, self.pinned)
+            if not force:
+                raise ModelPinned(model, self.pinned, forceable=True)
+            self.pinned = model
         if self.active == model and not self.switching:
             return
         if self._task is None or self._task.done():

@@ -27,6 +27,7 @@ from llmuxd.names import unit_name
 from llmuxd.orchestrator import Orchestrator
 from llmuxd.runtime.systemd import SystemdRuntime
 from llmuxd.sim.settings import VLLM_VERSION
+from llmuxd.switching.state import ModelState, process_state
 from sysd.helpers import PYTHON, completion, free_port, http
 from sysd.testbed import EXEC
 
@@ -117,6 +118,7 @@ async def test_sleep_restore_cycles_keep_the_answer_and_the_journal(criu_bed, ma
         wakes = await asyncio.to_thread(journal_count, criu_bed, name, "POST /wake_up")
         await orch.sleep(name, Eviction.parse(eviction))
         assert orch.state(name) is BackendState.CHECKPOINTED, orch.status(name).reason
+        assert process_state(ModelState.ASLEEP, orch.detail(name)) == "checkpointed"  # what status pages say
         manifest = manager.catalogue.load(name)
         assert (manifest.eviction, manifest.backend_version, manifest.pid) == (eviction, VLLM_VERSION, first_pid)
         await orch.ensure_awake(name)

@@ -60,8 +60,9 @@ async def test_status_table(running, env):
     assert r.rc == 0, r
     lines = r.out.splitlines()
     assert lines[0] == "llmux 0.1.0-test: idle, mode auto"
-    assert lines[2].split() == ["MODEL", "STATE", "EVICTION", "IN-FLIGHT", "QUEUE", "WAIT", "UNIT"]
-    assert lines[3].split() == ["llama", "not_started", "offload+keep_running", "0", "0", "0s", "llmux-model-llama.service"]
+    assert lines[2].split() == ["MODEL", "STATE", "PROCESS", "EVICTION", "IN-FLIGHT", "QUEUE", "WAIT", "UNIT"]
+    assert lines[3].split() == ["llama", "not_started", "not_started", "offload+keep_running", "0", "0", "0s",
+                                "llmux-model-llama.service"]
     assert lines[4].split()[0] == "qwen-7b"
 
 
@@ -173,7 +174,8 @@ async def test_user_talks_to_the_session_bus():
         try:
             res = await llmuxctl("--user", "status", env={"DBUS_SESSION_BUS_ADDRESS": bus.address})
             assert res.rc == 0, res
-            assert res.out.splitlines()[3].split() == ["tiny", "not_started", "offload+keep_running", "0", "0", "0s", "-"]
+            assert res.out.splitlines()[3].split() == ["tiny", "not_started", "not_started", "offload+keep_running",
+                                                       "0", "0", "0s", "-"]
         finally:
             await r.close()
     finally:

@@ -411,8 +411,8 @@ async def test_metrics_count_requests_and_switches(rig):
         SwitchFinished("default", "alpha", "beta", True, 2.5, {"drain": 0.5, "wake": 2.0})
     )
     text = await (await rig.client.get("/metrics")).text()
-    assert 'llmux_requests_total{model="alpha",status="200"} 1.0' in text
-    assert 'llmux_requests_total{model="",status="404"} 1.0' in text
+    assert 'llmux_requests_total{model="alpha",status="200",waited="false"} 1.0' in text
+    assert 'llmux_requests_total{model="",status="404",waited="false"} 1.0' in text
     assert 'llmux_switch_total{from="alpha",result="ok",to="beta"} 1.0' in text
     assert 'llmux_switch_phase_seconds_count{from="alpha",phase="wake",to="beta"} 1.0' in text
     assert 'llmux_active_model_info{model="alpha"} 1.0' in text

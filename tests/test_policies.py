@@ -74,6 +74,13 @@ def test_cost_aware_threshold_is_max_1_ceil_factor_cost(factor, cost, threshold)
     assert CostAwarePolicy(SwitchCosts(), amortization_factor=factor).threshold(cost) == threshold
 
 
+@pytest.mark.parametrize("kw", [{"active_duration": 0.0}, {"active_duration": 4.0}, {"active_duration": 60.0, "oldest_wait": 0.5}])
+def test_cost_aware_zero_amortization_switches_now(kw):
+    """llmux 0.7 documented amortization_factor 0.0 as "always switch immediately"."""
+    assert CostAwarePolicy(SwitchCosts(), amortization_factor=0).decide(ctx(**kw)) == NOW
+    assert CostAwarePolicy(SwitchCosts(), amortization_factor=0).decide(ctx(target_queue_depth=0, **kw)) == SKIP
+
+
 def test_cost_aware_zero_parameters_never_busy_loop():
     policy = CostAwarePolicy(SwitchCosts(), coalesce_window=0, amortization_factor=0, max_wait=0)
     assert policy.decide(ctx(active_duration=0.0)) == NOW  # max_wait 0: everything is stale
@@ -213,3 +220,39 @@ async def test_time_slice_scheduler_enforces_max_wait_without_new_arrivals():
     assert 15 <= starts[-1][0] <= 16 and starts[-1][1] == "b"
     lease.release()
     busy.release()
+
+
+# ------------------------------------------------ llmux 0.7's zero values, with the switcher
+
+ZERO_CASES = [
+    # (0.7 key at 0, as our key; when b serves; the same with 0.7's default; when b serves then)
+    ("min_active_secs", {"type": "fifo", "min_active": 0}, 2.0, {"type": "fifo"}, 7.0),
+    ("amortization_factor", {"type": "cost_aware", "min_active": 0, "amortization_factor": 0}, 2.0,
+     {"type": "cost_aware", "min_active": 0}, 12.0),
+    ("max_wait_secs (cost_aware)", {"type": "cost_aware", "min_active": 0, "max_wait": 0}, 2.0,
+     {"type": "cost_aware", "min_active": 0}, 12.0),
+    ("coalesce_window_ms", {"type": "cost_aware", "min_active": 0, "coalesce_window": 0}, 12.0,
+     {"type": "cost_aware", "min_active": 0}, 14.0),
+    ("max_wait_secs (time_slice)", {"type": "time_slice", "min_active": 0, "max_wait": 0}, 2.0,
+     {"type": "time_slice", "min_active": 0}, 4.0),
+    ("min_quantum_ms + tick_interval_ms", {"type": "time_slice", "min_active": 0, "min_quantum": 0, "tick_interval": 0},
+     2.01, {"type": "time_slice", "min_active": 0}, 4.0),
+]
+
+
+@pytest.mark.parametrize("what,zero,at,default,default_at", ZERO_CASES, ids=[c[0] for c in ZERO_CASES])
+@virtual
+async def test_zero_values_mean_what_they_meant_in_07(what, zero, at, default, default_at):
+    """a serves one request (awake from t=1 after a 1 s cold start), then b is
+    asked for; b's wake takes 1 s. Each zero removes its wait; the same rig with
+    0.7's default waits longer, so the zero is what made the difference."""
+    loop = asyncio.get_running_loop()
+    for policy, expected in ((zero, at), (default, default_at)):
+        start = loop.time()
+        switcher, _, _ = await rig(policy)
+        (await switcher.acquire("a")).release()
+        if what == "coalesce_window_ms":
+            await asyncio.sleep(10)  # past cost_aware's serving window: only coalescing is left
+        (await switcher.acquire("b")).release()
+        assert loop.time() - start == pytest.approx(expected, abs=0.02), (what, policy)
+        await switcher.close()

@@ -346,7 +346,7 @@ def test_reload_adds_a_model(svc):
 
 def test_reload_with_a_broken_config_fails_and_keeps_serving(svc):
     broken = svc.models_dir / "zz-broken.yaml"
-    broken.write_text("models:\n  delta:\n    model_path: sim/delta\n    evicton: offload\n")
+    broken.write_text("models:\n  delta:\n    model_path: sim/delta\n    eviction: offload+nap\n")
     try:
         result = svc.systemctl("reload", "llmuxd.service")
         assert result.returncode != 0
@@ -355,7 +355,7 @@ def test_reload_with_a_broken_config_fails_and_keeps_serving(svc):
         status, _ = svc.request("beta")
         assert status == 200
         log = svc.journal("-u", "llmuxd.service", "LLMUX_EVENT=reload_failed")
-        assert "zz-broken.yaml" in log and "evicton" in log, log
+        assert "zz-broken.yaml" in log and "models.delta.eviction" in log, log
     finally:
         broken.unlink()
 
@@ -517,14 +517,14 @@ def test_unreadable_config_at_boot_names_file_and_key(svc):
     config = svc.host_path(svc.config_file)
     good = config.read_text()
     assert svc.systemctl("stop", "llmuxd.service").returncode == 0
-    config.write_text(good + "polcy:\n  type: fifo\n")
+    config.write_text(good + "max_body_bytes: 16 megs\n")
     try:
         result = svc.systemctl("start", "llmuxd.service")
         assert result.returncode != 0
         log = svc.journal("-u", "llmuxd.service", "LLMUX_EVENT=config_invalid")
-        assert svc.config_file in log and "polcy" in log, log
+        assert svc.config_file in log and "max_body_bytes" in log, log
         status = svc.systemctl("status", "--no-pager", "-n", "20", "llmuxd.service").stdout
-        assert "polcy" in status, status
+        assert "max_body_bytes" in status, status
         # exit status 78 (EX_CONFIG) is not restarted in a loop
         assert svc.prop("llmuxd.service", "ExecMainStatus") == "78"
     finally:

@@ -55,7 +55,7 @@ from llmuxd.names import (
 
 log = logging.getLogger(__name__)
 
-API_VERSION = 1
+API_VERSION = 2
 USEC = 1_000_000
 UINT64_MAX = 2**64 - 1
 #: the longest a caller can make a bus method wait; UINT64_MAX ("infinity") means this
@@ -102,6 +102,24 @@ def parse_eviction(text: str) -> Optional[Eviction]:
         raise InvalidEviction(str(exc)) from None
 
 
+#: SwitchWithOptions' options: name -> (D-Bus signature, default)
+SWITCH_OPTIONS = {"force": ("b", False), "wait": ("b", False), "timeout_usec": ("t", 0)}
+
+
+def parse_switch_options(options: dict) -> tuple[bool, bool, int]:
+    """(force, wait, timeout_usec) from an a{sv}; unknown names and wrong types are InvalidArgument."""
+    known = ", ".join(f"{name} ({sig})" for name, (sig, _) in SWITCH_OPTIONS.items())
+    values = {name: default for name, (_, default) in SWITCH_OPTIONS.items()}
+    for name, variant in options.items():
+        if name not in SWITCH_OPTIONS:
+            raise InvalidArgument(f"unknown switch option '{name}'; known options: {known}")
+        signature = SWITCH_OPTIONS[name][0]
+        if variant.signature != signature:
+            raise InvalidArgument(f"switch option '{name}' must have type '{signature}', not '{variant.signature}'")
+        values[name] = variant.value
+    return bool(values["force"]), bool(values["wait"]), int(values["timeout_usec"])
+
+
 class ManagerInterface(SecureInterface):
     """io.llmux.LLMux1.Manager at /io/llmux/LLMux1."""
 
@@ -126,6 +144,12 @@ class ManagerInterface(SecureInterface):
     async def SwitchAndWait(self, model: "s", timeout_usec: "t"):
         """Switch to MODEL and return when it is active; TIMEOUT_USEC 0 uses the configured timeout (error Timeout after it)."""
         await self.service.switch(model, wait=True, timeout=timeout_from_usec(timeout_usec))
+
+    @bus_method(action=ACTION_CONTROL)
+    async def SwitchWithOptions(self, model: "s", options: "a{sv}"):
+        """Switch to MODEL with OPTIONS: force (b: in manual mode, move the pin to MODEL first, as llmux 0.7's /control/switch did), wait (b: return when MODEL is active), timeout_usec (t: with wait; 0 = the configured timeout)."""
+        force, wait, timeout_usec = parse_switch_options(options)
+        await self.service.switch(model, wait=wait, timeout=timeout_from_usec(timeout_usec), force=force)
 
     @bus_method(action=ACTION_CONTROL)
     async def Pin(self, model: "s"):
@@ -263,6 +287,11 @@ class ModelInterface(SecureInterface):
         return self._prop("State", "")
 
     @dbus_property(access=PropertyAccess.READ)
+    def ProcessState(self) -> "s":
+        """not_started, starting, running, sleeping:WEIGHTS+PROCESS, checkpointed, stopped or failed (see LastError): where the backend is, as llmux 0.7's status said it."""
+        return self._prop("ProcessState", "")
+
+    @dbus_property(access=PropertyAccess.READ)
     def Eviction(self) -> "s":
         """What the next sleep does, as WEIGHTS+PROCESS (after any SetEviction override)."""
         return self._prop("Eviction", "")
@@ -393,10 +422,10 @@ class LLMuxService:
         if model not in models:
             raise UnknownModel(model, list(models))
 
-    async def switch(self, model: str, *, wait: bool, timeout: Optional[float]) -> None:
+    async def switch(self, model: str, *, wait: bool, timeout: Optional[float], force: bool = False) -> None:
         self._known(model)
         try:
-            await self.switcher.switch(model, wait=wait, timeout=timeout)
+            await self.switcher.switch(model, wait=wait, timeout=timeout, force=force)
         finally:
             self.refresh_soon()
 
@@ -482,6 +511,7 @@ class LLMuxService:
             props = self._model_props(name, ms)
             models[name] = {
                 "state": Variant("s", props["State"]),
+                "process_state": Variant("s", props["ProcessState"]),
                 "eviction": Variant("s", props["Eviction"]),
                 "unit": Variant("s", props["Unit"]),
                 "endpoint": Variant("s", props["Endpoint"]),
@@ -516,6 +546,7 @@ class LLMuxService:
     def _model_props(self, name: str, ms: Any) -> dict[str, Any]:
         return {
             "State": _text(ms.state),
+            "ProcessState": _text(getattr(ms, "process_state", "")),
             "Eviction": _text(ms.eviction),
             "Unit": unit_name(name) if self._unit_names else "",
             "Endpoint": _text(ms.endpoint),

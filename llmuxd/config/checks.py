@@ -20,6 +20,9 @@ def _plain_absolute(path: str) -> bool:
 
 def check_semantics(config: Config, issues: Issues) -> None:
     """Rules that span keys: groups, budgets, checkpoint section, evictions."""
+    if config.metrics_port is not None and config.metrics_port == config.listen_port:
+        issues.add(("metrics_port",), f"{config.metrics_port} is the listen port, which serves /metrics "
+                   "already; give metrics_port another port, or null")
     groups = config.groups
     for name, model in config.models.items():
         loc = ("models", name)

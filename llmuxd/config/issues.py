@@ -24,12 +24,14 @@ class ConfigIssue:
 
 class ConfigError(InvalidConfig):
     """The configuration is invalid; ``str()`` has one line per problem,
-    ``FILE: KEY.PATH: what was wrong; what is allowed``."""
+    ``FILE: KEY.PATH: what was wrong; what is allowed``. ``warnings`` holds
+    what was found besides (unknown keys, often the cause of a missing one)."""
 
-    def __init__(self, issues: "list[ConfigIssue] | ConfigIssue"):
+    def __init__(self, issues: "list[ConfigIssue] | ConfigIssue", warnings: "list[ConfigIssue] | None" = None):
         if isinstance(issues, ConfigIssue):
             issues = [issues]
         self.issues = list(issues)
+        self.warnings = list(warnings or [])
         super().__init__("\n".join(str(i) for i in self.issues))
 
 
@@ -59,12 +61,13 @@ def dotted(loc: Iterable[Any]) -> str:
 
 def unknown_key_message(key: Any, allowed: Iterable[str], legacy: Iterable[str] = ()) -> str:
     """'did you mean' the closest key (legacy llmux 0.7 spellings included),
-    else the list of current keys."""
+    else the list of current keys. Unknown keys are ignored with a warning
+    (systemd's rule for unit files; llmux 0.7 ignored them silently)."""
     allowed = sorted(allowed)
     close = difflib.get_close_matches(str(key), allowed + sorted(legacy), n=1, cutoff=0.6)
     if close:
-        return f"unknown key; did you mean '{close[0]}'?"
-    return f"unknown key; allowed keys: {', '.join(allowed)}"
+        return f"unknown key, ignored; did you mean '{close[0]}'?"
+    return f"unknown key, ignored; allowed keys: {', '.join(allowed)}"
 
 
 class Issues:
@@ -74,6 +77,10 @@ class Issues:
         self.main_file = main_file
         self.model_sources = model_sources
         self.items: List[ConfigIssue] = []
+        #: what loads anyway but deserves a look (unknown keys, llmux 0.7 keys without effect)
+        self.warnings: List[ConfigIssue] = []
+        #: informational lines for Config.notes (translations worth knowing about)
+        self.notes: List[str] = []
         #: models whose eviction is policy.eviction (problems are reported there)
         self.inherited_eviction: set = set()
 
@@ -87,6 +94,11 @@ class Issues:
         if issue not in self.items:
             self.items.append(issue)
 
+    def warn(self, loc: Tuple[Any, ...], message: str) -> None:
+        issue = ConfigIssue(self.file_for(loc), dotted(loc), message)
+        if issue not in self.warnings:
+            self.warnings.append(issue)
+
     def raise_if_any(self) -> None:
         if self.items:
-            raise ConfigError(self.items)
+            raise ConfigError(self.items, self.warnings)

@@ -28,7 +28,13 @@ import yaml
 
 from llmuxd.config.checks import allocate_ports, check_semantics
 from llmuxd.config.issues import ConfigError, ConfigIssue, Issues, shown, unknown_key_message
-from llmuxd.config.legacy import LEGACY_KEYS, translate_policy, translate_sleep_level, translate_top_level
+from llmuxd.config.legacy import (
+    LEGACY_KEYS,
+    ModelDefaults,
+    translate_policy,
+    translate_sleep_level,
+    translate_top_level,
+)
 from llmuxd.config.schema import (
     DEFAULT_CONFIG_PATH,
     DROPIN_DIRNAME,
@@ -120,6 +126,7 @@ def load_config(path: Optional[str] = None, dropin_dir: Optional[str] = None) ->
     sources = [path]
     model_sources: Dict[str, str] = {}
     notes: List[str] = []
+    warnings: List[ConfigIssue] = []
     models = data.get("models")
     if isinstance(models, dict):
         model_sources = {name: path for name in models}
@@ -135,9 +142,9 @@ def load_config(path: Optional[str] = None, dropin_dir: Optional[str] = None) ->
             raise ConfigError(ConfigIssue(dropin, "", f"expected a mapping with 'models:', got {shown(drop)}"))
         for key in drop:
             if key != "models":
-                raise ConfigError(
-                    ConfigIssue(dropin, str(key), "unknown key; a drop-in holds only 'models:' (other keys go in the main file)")
-                )
+                warnings.append(ConfigIssue(
+                    dropin, str(key), "unknown key, ignored; a drop-in holds only 'models:' (other keys go in the main file)"
+                ))
         drop_models = drop.get("models") or {}
         if not isinstance(drop_models, dict):
             raise ConfigError(
@@ -154,9 +161,14 @@ def load_config(path: Optional[str] = None, dropin_dir: Optional[str] = None) ->
             model_sources[name] = dropin
     if models is not None or dropins:
         data["models"] = models if models is not None else {}
-    config = build(data, path, legacy=is_json, model_sources=model_sources)
+    try:
+        config = build(data, path, legacy=is_json, model_sources=model_sources)
+    except ConfigError as exc:
+        exc.warnings[:0] = warnings
+        raise
     config.sources = sources
     config.notes = notes + config.notes
+    config.warnings = [str(w) for w in warnings] + config.warnings
     return config
 
 
@@ -185,7 +197,7 @@ def _to_argv(value: Any, loc: Tuple[Any, ...], issues: Issues) -> Any:
     return value
 
 
-def _normalise_model(name: Any, raw: Any, default_eviction: Any, default_command: List[str], issues: Issues) -> Any:
+def _normalise_model(name: Any, raw: Any, default_eviction: Any, defaults: ModelDefaults, issues: Issues) -> Any:
     loc = ("models", name)
     if raw is None:
         issues.add(loc, "has no settings; give at least model_path")
@@ -213,7 +225,9 @@ def _normalise_model(name: Any, raw: Any, default_eviction: Any, default_command
     if "command" in model:
         model["command"] = _to_argv(model["command"], loc + ("command",), issues)
     else:
-        model["command"] = list(default_command)
+        model["command"] = list(defaults.command)
+    if defaults.startup_timeout is not None:
+        model.setdefault("startup_timeout", defaults.startup_timeout)
     if "extra_args" in model:
         model["extra_args"] = _to_argv(model["extra_args"], loc + ("extra_args",), issues)
         if isinstance(model["extra_args"], list):
@@ -240,7 +254,7 @@ def _normalise(raw: Mapping[str, Any], legacy: bool, issues: Issues) -> Dict[str
     """Translate llmux 0.7 keys, inject model names and defaults, parse
     evictions; what is left is plain pydantic input."""
     data = dict(raw)
-    default_command = translate_top_level(data, raw, issues)
+    defaults = translate_top_level(data, raw, issues, legacy=legacy)
     if isinstance(data.get("port_range"), str):
         match = re.match(r"^\s*(\d+)\s*-\s*(\d+)\s*$", data["port_range"])
         if match:
@@ -272,7 +286,7 @@ def _normalise(raw: Mapping[str, Any], legacy: bool, issues: Issues) -> Dict[str
             except ValueError as exc:
                 issues.add(("models", str(name)), str(exc))
                 continue
-            normal = _normalise_model(name, model, default_eviction, default_command, issues)
+            normal = _normalise_model(name, model, default_eviction, defaults, issues)
             if normal is not None:
                 fixed[name] = normal
         data["models"] = fixed
@@ -287,7 +301,7 @@ def _normalise(raw: Mapping[str, Any], legacy: bool, issues: Issues) -> Dict[str
     return data
 
 
-_INTERNAL_FIELDS = ("name", "tensor_parallel_size", "sources", "model_sources", "notes")
+_INTERNAL_FIELDS = ("name", "tensor_parallel_size", "sources", "model_sources", "notes", "warnings")
 
 
 def _allowed_keys(model_cls: type) -> Tuple[List[str], List[str]]:
@@ -355,26 +369,55 @@ def _translate(error: Dict[str, Any], data: Mapping[str, Any]) -> Tuple[Tuple[An
     return loc, error["msg"]
 
 
+def _drop(data: Dict[str, Any], loc: Tuple[Any, ...]) -> None:
+    """Remove the key at `loc` (an unknown key) from the normalised data,
+    copying the mappings on the way: the caller's data stays as it was."""
+    node = data
+    for part in loc[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            return
+        node[part] = node = dict(child)
+    node.pop(loc[-1], None)
+
+
+def _parse(data: Dict[str, Any], issues: Issues) -> Optional[Config]:
+    """The Config, with unknown keys dropped and warned about; None (and the
+    problems in `issues`) when anything else is wrong."""
+    for _ in range(2):  # pydantic reports every unknown key at once; the second pass has none
+        try:
+            return Config.parse_obj(data)
+        except pyd.ValidationError as exc:
+            errors = exc.errors()
+        unknown = [e for e in errors if e["type"] == "value_error.extra"]
+        for error in unknown:
+            loc, message = _translate(error, data)
+            issues.warn(loc, message)
+            _drop(data, tuple(error["loc"]))
+        for error in errors:
+            if error["type"] != "value_error.extra":
+                loc, message = _translate(error, data)
+                issues.add(loc, message)
+        if issues.items or not unknown:
+            return None
+    return None  # pragma: no cover - the second pass has no unknown keys left
+
+
 def build(raw: Mapping[str, Any], source: str, *, legacy: bool, model_sources: Dict[str, str]) -> Config:
     issues = Issues(source, model_sources)
     if not isinstance(raw, Mapping):
         issues.add((), f"expected a mapping of keys (listen, models, policy, ...), got {shown(raw)}")
         issues.raise_if_any()
     data = _normalise(raw, legacy, issues)
-    try:
-        config = Config.parse_obj(data)
-    except pyd.ValidationError as exc:
-        for error in exc.errors():
-            loc, message = _translate(error, data)
-            issues.add(loc, message)
-        issues.raise_if_any()
-        raise  # pragma: no cover - every error is translated above
+    config = _parse(data, issues)
     issues.raise_if_any()
+    assert config is not None
     config.model_sources = {name: model_sources.get(name, source) for name in config.models}
     config.sources = [source]
+    config.notes = list(issues.notes)
     check_semantics(config, issues)
     issues.raise_if_any()
     allocate_ports(config, issues)
     issues.raise_if_any()
+    config.warnings = [str(w) for w in issues.warnings]
     return config
-

@@ -14,6 +14,7 @@ from llmuxd.config.values import (
     GpuIndex,
     Listen,
     NonEmptyStr,
+    NonNegativeNumber,
     Port,
     PositiveDuration,
     PositiveInt,
@@ -40,6 +41,14 @@ POLICY_TYPES = ("fifo", "cost_aware", "time_slice")
 #: auto = NVML when pynvml and a driver answer, else nvidia-smi when it works, else none;
 #: ledger = the simulator's JSON ledger named by the model's LLMUX_SIM_GPU_LEDGER (tests, demos)
 GPU_PROBES = ("auto", "nvml", "nvidia-smi", "ledger", "none")
+
+
+def unknown_policy_message(value: Any) -> str:
+    """The error for a policy type that does not exist (llmux 0.7 ran fifo instead, silently)."""
+    return (
+        f"unknown policy {value!r}; allowed: {', '.join(POLICY_TYPES)} "
+        "(llmux 0.7 silently used fifo for an unknown policy_type; write 'fifo' to keep that)"
+    )
 
 
 class GroupConfig(StrictModel):
@@ -85,9 +94,11 @@ class PolicyConfig(StrictModel):
     drain_timeout: Duration = 60.0
     min_active: Duration = 5.0
     coalesce_window: Duration = 2.0
-    amortization_factor: PositiveNumber = 0.5
+    #: 0: switch as soon as a request waits (llmux 0.7: "0.0 = always switch immediately")
+    amortization_factor: NonNegativeNumber = 0.5
     max_wait: Duration = 15.0
-    tick_interval: PositiveDuration = 0.5
+    #: 0: as often as the scheduler can (every 10 ms)
+    tick_interval: Duration = 0.5
     min_quantum: Duration = 2.0
     queue_limit: PositiveInt = 1000
     sleep_timeout: PositiveDuration = 120.0
@@ -99,7 +110,7 @@ class PolicyConfig(StrictModel):
     @pyd.validator("type")
     def _known_type(cls, v: str) -> str:  # noqa: N805
         if v not in POLICY_TYPES:
-            raise ValueError(f"unknown policy {v!r}; allowed: {', '.join(POLICY_TYPES)}")
+            raise ValueError(unknown_policy_message(v))
         return v
 
     @pyd.validator("eviction", pre=True)
@@ -157,7 +168,9 @@ class Config(StrictModel):
     groups: Dict[str, GroupConfig] = {}
     port_range: Tuple[Port, Port] = DEFAULT_PORT_RANGE
     max_body_bytes: Size = DEFAULT_MAX_BODY_BYTES
+    #: a second port serving only /metrics (llmux 0.7's metrics server), on the host of `listen`
     metrics_port: Optional[Port] = None
+    #: llmux 0.7's control port: never opened (control is on D-Bus); loading it warns
     admin_port: Optional[Port] = None
     state_dir: NonEmptyStr = DEFAULT_STATE_DIR
     checkpoint: Optional[CheckpointConfig] = None
@@ -169,8 +182,11 @@ class Config(StrictModel):
     sources: List[str] = []
     #: which file defined each model (the last one, when redefined)
     model_sources: Dict[str, str] = {}
-    #: informational lines check-config shows (overrides, warnings)
+    #: informational lines check-config shows (overrides, translations)
     notes: List[str] = []
+    #: ``FILE: KEY: what`` lines for what loads but deserves a look: unknown keys
+    #: (ignored), llmux 0.7 keys without effect; ``check-config --strict`` fails on them
+    warnings: List[str] = []
 
     @pyd.validator("groups", always=True)
     def _default_group(cls, v: Dict[str, GroupConfig]) -> Dict[str, GroupConfig]:  # noqa: N805
@@ -211,7 +227,7 @@ class Config(StrictModel):
     def to_dict(self) -> Dict[str, Any]:
         """The effective config as plain JSON-serialisable data (evictions as
         'weights+process' strings); loading it again gives the same config."""
-        data = _plain(self.dict(exclude={"sources", "model_sources", "notes", "models"}))
+        data = _plain(self.dict(exclude={"sources", "model_sources", "notes", "warnings", "models"}))
         data["models"] = {
             name: _plain(model.dict(exclude={"name", "tensor_parallel_size"}))
             for name, model in self.models.items()

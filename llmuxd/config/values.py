@@ -193,6 +193,12 @@ def _check_positive_number(v: Any) -> float:
     return float(v)
 
 
+def _check_nonnegative_number(v: Any) -> float:
+    if not _check_number(v) >= 0:
+        raise ValueError(f"must be 0 or more, got {shown(v)}")
+    return float(v)
+
+
 def _check_gpu_index(v: Any) -> int:
     if _check_int(v) < 0:
         raise ValueError(f"GPU index must be 0 or more, got {v}")
@@ -218,6 +224,7 @@ Int = _strict("Int", _check_int)
 Port = _strict("Port", _check_port)
 PositiveInt = _strict("PositiveInt", _check_positive_int)
 PositiveNumber = _strict("PositiveNumber", _check_positive_number)
+NonNegativeNumber = _strict("NonNegativeNumber", _check_nonnegative_number)
 GpuIndex = _strict("GpuIndex", _check_gpu_index)
 Duration = _strict("Duration", parse_duration)
 PositiveDuration = _strict("PositiveDuration", _check_positive_duration)

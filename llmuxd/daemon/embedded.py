@@ -79,6 +79,13 @@ def _log_switch(event: Any) -> None:
                   error=event.error)
 
 
+def log_config_warnings(config: Any) -> None:
+    """Each config warning (unknown keys, llmux 0.7 keys without effect) in the log,
+    as `check-config` shows them: the daemon loads such a file, so say what it ignored."""
+    for warning in getattr(config, "warnings", None) or ():
+        log.warning("config: %s", warning)
+
+
 #: settings a backend is launched with: a change needs a fresh start of that backend
 LAUNCH_SETTINGS = ("model_path", "command", "port", "host", "extra_args", "env", "gpus",
                    "user", "sleep_mode", "checkpoint_path", "gpu_group")
@@ -143,20 +150,43 @@ class DaemonCore:
         self.frontend = FrontEnd(config, self.switcher, self.metrics, version=self.version)
         self.app = self.frontend.make_app()
         self.http = HttpServer(self.app, listen=listen or config.listen, sockets=sockets)
+        #: metrics_port's server (llmux 0.7's metrics server), on the host of the listen address
+        self.metrics_http: HttpServer | None = None
+        self._listen = listen or config.listen
         self._unsubscribe: list[Callable[[], None]] = []
 
     @property
     def addresses(self) -> list[str]:
         return self.http.addresses
 
+    async def _start_metrics_port(self) -> None:
+        """Serve /metrics on metrics_port too. Bound here, not through
+        HttpServer's own binding, so it never takes systemd's activation sockets."""
+        port = getattr(self.config, "metrics_port", None)
+        if not port:
+            return
+        from llmuxd.http.listen import beside, bind_listen
+
+        address = beside(self._listen, port)
+        sock = bind_listen(address, hint="set another metrics_port, or null to turn it off")
+        self.metrics_http = HttpServer(self.frontend.make_metrics_app(), listen=address, sockets=[sock])
+        await self.metrics_http.start()
+        log.info("serving /metrics on %s (metrics_port)", ", ".join(self.metrics_http.addresses))
+
     async def start(self) -> None:
         """Start switching, warm up if configured, then serve HTTP."""
+        log_config_warnings(self.config)
         self._unsubscribe.append(self.switcher.subscribe(self.metrics.on_switch_event))
         self._unsubscribe.append(self.switcher.subscribe(_log_switch))
         await self.switcher.start()
         if getattr(self.config, "warmup", False):
             await self.warmup()
         await self.http.start()
+        try:
+            await self._start_metrics_port()
+        except BaseException:
+            await self.http.stop()
+            raise
         log.info("serving %d models on %s", len(self.config.models), ", ".join(self.addresses))
 
     async def warmup(self) -> None:
@@ -190,8 +220,11 @@ class DaemonCore:
         max_body_bytes, /v1/models) take it. The listen address is not
         re-bound; changing it needs a restart."""
         old = self.config
-        if getattr(old, "listen", None) != getattr(config, "listen", None):
-            log.warning("listen changed from %s to %s: this takes a restart of llmuxd", old.listen, config.listen)
+        log_config_warnings(config)
+        for key in ("listen", "metrics_port"):
+            if getattr(old, key, None) != getattr(config, key, None):
+                log.warning("%s changed from %s to %s: this takes a restart of llmuxd",
+                            key, getattr(old, key, None), getattr(config, key, None))
         backend_state = getattr(self.backends, "state", None)
         for name, new_model in config.models.items():
             keys = launch_settings_changed(old.models[name], new_model) if name in old.models else []
@@ -215,6 +248,8 @@ class DaemonCore:
 
     async def stop(self) -> None:
         """Stop serving (running requests get a short grace), then switching."""
+        if self.metrics_http is not None:
+            await self.metrics_http.stop()
         await self.http.stop()
         for unsubscribe in self._unsubscribe:
             unsubscribe()

@@ -4,7 +4,7 @@
     llmuxd run --config FILE [--listen A] [--bus auto|session|none]
                                             embedded mode: subprocess backends, no root, no system
                                             bus; D-Bus on the session bus when there is one
-    llmuxd check-config [FILE]              validate a config and print the effective result
+    llmuxd check-config [--strict] [FILE]   validate a config and print the effective result
     llmuxd checkpoint|restore|validate MODEL  operator tools (llmuxd/daemon/tools.py)
 
 Subcommands are imported only when chosen, so `llmuxd --help` and

@@ -24,7 +24,7 @@ from llmuxd.errors import LLMuxError, UnknownModel
 from llmuxd.http.body import MODEL_HEADER, check_declared_length, model_from, read_body
 from llmuxd.http.errors import RouteNotFound, error_response
 from llmuxd.http.proxy import Upstream
-from llmuxd.metrics import NO_MODEL, Metrics
+from llmuxd.metrics import NO_MODEL, WAITED_THRESHOLD_S, Metrics
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,7 @@ class FrontEnd:
         started = self.clock()
         model = NO_MODEL
         status = 500
+        wait = 0.0
         try:
             body = await read_body(request, self.max_body, self.body_timeout)
             name = model_from(body, request.headers.get(MODEL_HEADER))
@@ -121,9 +122,12 @@ class FrontEnd:
                 raise UnknownModel(name, self.model_names)
             model = name
             waited_from = self.clock()
-            lease = await self.switcher.acquire(model, timeout=self.request_timeout)
             try:
-                self.metrics.observe_queue_wait(model, self.clock() - waited_from)
+                lease = await self.switcher.acquire(model, timeout=self.request_timeout)
+            finally:
+                wait = self.clock() - waited_from
+            try:
+                self.metrics.observe_queue_wait(model, wait)
                 response = await self.upstream.forward(request, model, lease.endpoint, body)
             finally:
                 lease.release()
@@ -142,7 +146,7 @@ class FrontEnd:
             status = response.status
             return response
         finally:
-            self.metrics.observe_request(model, status, self.clock() - started)
+            self.metrics.observe_request(model, status, self.clock() - started, wait > WAITED_THRESHOLD_S)
 
     def _fail(self, exc: LLMuxError, model: str) -> web.Response:
         """The one mapping from llmux errors to responses."""
@@ -174,7 +178,7 @@ class FrontEnd:
             "state": getattr(state, "value", state) if state is not None else "unknown",
             "eviction": str(eviction) if eviction is not None else None,
         }
-        for field in ("group", "in_flight", "queue_depth", "last_error"):
+        for field in ("process_state", "group", "in_flight", "queue_depth", "last_error"):
             if ms is not None and hasattr(ms, field):
                 llmux[field] = getattr(ms, field)
         return {
@@ -218,6 +222,18 @@ class FrontEnd:
         response = web.Response(body=payload)
         response.headers["Content-Type"] = content_type
         return response
+
+    def make_metrics_app(self) -> web.Application:
+        """The app of `metrics_port` (llmux 0.7's metrics server): GET /metrics only."""
+        app = web.Application()
+        app.router.add_get("/metrics", self.metrics_page)
+        app.router.add_route("*", "/{tail:.*}", self.metrics_not_found)
+        return app
+
+    async def metrics_not_found(self, request: web.Request) -> web.Response:
+        return error_response(RouteNotFound(
+            f"no route {request.method} {request.path} on the metrics port; it serves GET /metrics "
+            "(inference is on the listen address)"))
 
     async def not_found(self, request: web.Request) -> web.Response:
         return error_response(

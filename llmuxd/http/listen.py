@@ -94,8 +94,12 @@ def parse_listen(address: str) -> tuple[str, Any]:
     return "tcp", (host, port)
 
 
-def bind_listen(address: str, backlog: int = 1024) -> socket.socket:
-    """A bound, listening, non-blocking socket for `address`."""
+LISTEN_HINT = "pick another address with --listen or `listen:`"
+
+
+def bind_listen(address: str, backlog: int = 1024, *, hint: str = LISTEN_HINT) -> socket.socket:
+    """A bound, listening, non-blocking socket for `address`; `hint` says what
+    to change when it cannot be bound."""
     kind, where = parse_listen(address)
     if kind == "unix":
         try:
@@ -116,10 +120,17 @@ def bind_listen(address: str, backlog: int = 1024) -> socket.socket:
         sock.listen(backlog)
     except OSError as exc:
         sock.close()
-        raise ListenError(exc.errno, f"cannot listen on {address}: {exc.strerror}; "
-                                     "pick another address with --listen or `listen:`") from None
+        raise ListenError(exc.errno, f"cannot listen on {address}: {exc.strerror}; {hint}") from None
     sock.setblocking(False)
     return sock
+
+
+def beside(listen: str, port: int) -> str:
+    """The address of a second port on the host `listen` binds (metrics_port):
+    the same host for a TCP listen address, 127.0.0.1 for a unix socket."""
+    kind, where = parse_listen(listen)
+    host = where[0] if kind == "tcp" else "127.0.0.1"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def socket_address(sock: socket.socket) -> str:

@@ -5,7 +5,9 @@ the switch cost (so at most half the time goes to switching); after that the
 waiting model gets the GPU once its queue is deep enough to amortize the cost
 (max(1, ceil(amortization_factor × cost_s)) requests) or once its oldest
 request has waited a coalescing window. A request waiting `max_wait` always
-wins. Unlike llmux 0.7, a deferral that ends re-evaluates all of this with fresh
+wins. ``amortization_factor: 0`` switches as soon as a request waits, serving
+window and coalescing included (llmux 0.7 documented 0 as "always switch
+immediately", like fifo; its code still held the serving window). Unlike llmux 0.7, a deferral that ends re-evaluates all of this with fresh
 numbers (the switcher asks again), so a deferral whose requests have gone does
 not switch.
 """
@@ -46,6 +48,8 @@ class CostAwarePolicy:
             return NOW
         if ctx.target_queue_depth == 0:
             return SKIP
+        if self.amortization_factor == 0:
+            return NOW
         to_stale = self.max_wait - ctx.oldest_wait
         if to_stale <= 0:
             return NOW

@@ -8,6 +8,7 @@ is no path that wakes or sleeps a model behind the switcher's back.
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Any, Awaitable, Callable, Dict, List, Optional
 
 from llmuxd.errors import InvalidEviction, ModelPinned, SwitchTimeout, UnknownModel
@@ -56,19 +57,41 @@ class Controls:
             fut.add_done_callback(_consume)
             raise
 
-    async def switch(self, model: str, wait: bool = True, timeout: Optional[float] = None) -> None:
+    async def switch(self, model: str, wait: bool = True, timeout: Optional[float] = None, force: bool = False) -> None:
         """Make `model` awake now (drain, sleep, wake). To the active model: a no-op.
 
-        In manual mode with another model pinned: ModelPinned (unpin first)."""
+        In manual mode with another model pinned: ModelPinned, unless `force`.
+        A forced switch in manual mode first moves the pin to `model` (llmux
+        0.7's /control/switch), and puts the previous pin back if the switch
+        fails (as `pin` does); in auto mode it is a plain switch."""
         m = self._model(model)
-        if self._mode is Mode.MANUAL and self._pinned is not None and self._pinned != model:
-            raise ModelPinned(model, self._pinned)
-        await self._control_switch(m, wait, timeout)
+        on_failure: Optional[Callable[[], None]] = None
+        if self._mode is Mode.MANUAL and self._pinned != model:
+            if not force and self._pinned is not None:
+                raise ModelPinned(model, self._pinned, forceable=True)
+            if force:
+                on_failure = functools.partial(self._restore_pin, model, self._pinned)
+                self._set_mode(Mode.MANUAL, model)
+        await self._control_switch(m, wait, timeout, on_failure)
 
-    async def _control_switch(self, m: ModelRuntime, wait: bool, timeout: Optional[float]) -> None:
+    def _restore_pin(self, model: str, previous: Optional[str]) -> None:
+        """A forced switch failed: the pin goes back, unless something moved it since."""
+        if self._mode is Mode.MANUAL and self._pinned == model:
+            self._set_mode(Mode.MANUAL, previous)
+
+    async def _control_switch(
+        self, m: ModelRuntime, wait: bool, timeout: Optional[float], on_failure: Optional[Callable[[], None]] = None
+    ) -> None:
         if m.state is ModelState.ACTIVE:
             return
-        fut = self._submit(m, "switch")
+        try:
+            fut = self._submit(m, "switch")
+        except BaseException:
+            if on_failure is not None:
+                on_failure()
+            raise
+        if on_failure is not None:
+            fut.add_done_callback(lambda f: on_failure() if f.cancelled() or f.exception() is not None else None)
         if not wait:
             fut.add_done_callback(_consume)
             return

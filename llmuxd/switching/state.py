@@ -14,6 +14,7 @@ from typing import Callable, Deque, Dict, List, Optional, Tuple
 
 from llmuxd.events import SwitchEvent
 from llmuxd.eviction import Eviction
+from llmuxd.lifecycle import BackendDetail, BackendState
 
 DEFAULT_GROUP = "default"
 Listener = Callable[[SwitchEvent], None]
@@ -159,6 +160,30 @@ class Lease:
         return f"<Lease {self.model} {self.endpoint} {state}>"
 
 
+_PROCESS_STATE = {
+    BackendState.NOT_STARTED: "not_started",
+    BackendState.STARTING: "starting",
+    BackendState.READY: "running",
+    BackendState.CHECKPOINTED: "checkpointed",
+    BackendState.STOPPED: "stopped",
+    BackendState.FAILED: "failed",
+}
+
+
+def process_state(state: ModelState, backend: BackendDetail) -> str:
+    """One word for where a model is, as llmux 0.7's status said it: the
+    switcher's view where it knows better (awake models run; a failed wake
+    is a failure whatever the backend did after), else the backend's, with
+    the eviction a sleeping model sleeps with: ``sleeping:offload+freeze``."""
+    if state is ModelState.FAILED or backend.state is BackendState.FAILED:
+        return "failed"
+    if state in (ModelState.ACTIVE, ModelState.DRAINING):
+        return "running"
+    if backend.state is BackendState.SLEEPING:
+        return f"sleeping:{backend.eviction}" if backend.eviction is not None else "sleeping"
+    return _PROCESS_STATE[backend.state]
+
+
 @dataclass(frozen=True)
 class ModelStatus:
     name: str
@@ -171,6 +196,9 @@ class ModelStatus:
     last_error: Optional[str]
     last_switch_s: Optional[float]
     endpoint: Optional[str]
+    #: not_started, starting, running, sleeping:WEIGHTS+PROCESS, checkpointed, stopped
+    #: or failed (see `last_error`): `process_state()`
+    process_state: str = "not_started"
 
 
 @dataclass(frozen=True)
