@@ -14,6 +14,7 @@ which is how `scripts/test` prints it after each pass.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import Any
 
@@ -23,6 +24,20 @@ import pytest
 STRICT_MARKERS = ("systemd", "criu", "polkit", "package", "real_vllm", "s3")
 OTHER = "other"
 _COUNTS = pytest.StashKey[dict]()
+
+
+#: torch is in the PyPI venv (scripts/bootstrap) and nowhere in Debian 12
+HAVE_TORCH = importlib.util.find_spec("torch") is not None
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A `torch` test without torch skips, except where scripts/test's PyPI pass sets
+    LLMUX_TEST_REQUIRE_TORCH=1: there a skip would hide a broken venv, so it fails."""
+    if item.get_closest_marker("torch") is not None and not HAVE_TORCH:
+        if os.environ.get("LLMUX_TEST_REQUIRE_TORCH") == "1":
+            pytest.fail("torch is not installed in this venv but LLMUX_TEST_REQUIRE_TORCH=1 "
+                        "(scripts/test's PyPI pass): run scripts/bootstrap pypi")
+        pytest.skip("needs torch (pip install 'llmux[torch]'); Debian 12 packages none")
 
 
 def strict() -> bool:

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import HAVE_TORCH
+from skip_policy import HAVE_TORCH
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "gpu-check"
 
