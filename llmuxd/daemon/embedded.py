@@ -137,6 +137,7 @@ class DaemonCore:
             self.metrics.effectiveness_source = lambda: checkpoints.effectiveness
         self.frontend = FrontEnd(config, self.switcher, self.metrics, version=self.version)
         self.app = self.frontend.make_app()
+        self.app.on_shutdown.append(self._refuse_waiters)
         self.http = HttpServer(self.app, listen=listen or config.listen, sockets=sockets)
         self._unsubscribe: list[Callable[[], None]] = []
 
@@ -208,8 +209,14 @@ class DaemonCore:
         self.config = config
         self.frontend.reload(config)
 
+    async def _refuse_waiters(self, app: Any) -> None:
+        """HTTP's drain is over with requests still waiting for a model: they
+        get 503 (ShuttingDown, OpenAI envelope) instead of a dropped connection."""
+        await self.switcher.close()
+
     async def stop(self) -> None:
-        """Stop serving (running requests get a short grace), then switching."""
+        """Stop serving (what was accepted is served within the server's
+        `shutdown_timeout`; see llmuxd/http/listen.py), then switching."""
         await self.http.stop()
         for unsubscribe in self._unsubscribe:
             unsubscribe()

@@ -40,10 +40,13 @@ DEFAULT_CONFIG = "/etc/llmux/llmux.yaml"
 EXIT_CONFIG = 78
 #: sysexits.h EX_UNAVAILABLE: no system bus / no systemd / bus name taken
 EXIT_UNAVAILABLE = 69
-#: seconds in-flight requests get to finish at shutdown (TimeoutStopSec= is 90)
-SHUTDOWN_DRAIN = 30.0
+#: seconds in-flight requests get to finish at shutdown: TimeoutStopSec= (90 s)
+#: leaves room for the end grace (llmuxd/http/listen.py END_GRACE) and the rest
+SHUTDOWN_DRAIN = 60.0
 #: seconds between STATUS= refreshes and state.json checks
 HOUSEKEEPING_INTERVAL = 1.0
+#: the name of the task that sends WATCHDOG=1
+WATCHDOG_TASK = "llmuxd-watchdog"
 #: the activation socket llmux.socket names (FileDescriptorName=)
 HTTP_FD_NAME = "http"
 def status_line(status: Any, backend_state: Callable[[str], BackendState]) -> str:
@@ -99,7 +102,7 @@ class SystemDaemon:
         # pings from the loop from the start: harmless before READY=1, and
         # nothing can forget to start them after
         self._tasks.append(asyncio.get_running_loop().create_task(self.notifier.run_watchdog(),
-                                                                  name="llmuxd-watchdog"))
+                                                                  name=WATCHDOG_TASK))
         self.notifier.status("reading configuration")
         self.config = load_config(self.config_path)
         for note in self.config.notes:
@@ -319,13 +322,14 @@ class SystemDaemon:
             self.notifier.stopping()
             log_event(log, journal.EVENT_DAEMON_STOPPING, "stopping: draining requests for up to %.0fs; "
                       "backends %s", SHUTDOWN_DRAIN, "are stopped" if stop_backends else "keep running")
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks.clear()
+        # the watchdog keeps pinging while HTTP drains (a drain may outlast WatchdogSec)
+        watchdog = [t for t in self._tasks if t.get_name() == WATCHDOG_TASK]
+        await self._cancel([t for t in self._tasks if t not in watchdog])
         if self.core is not None:
             self._save_state()
             await self.core.stop()
+        await self._cancel(watchdog)
+        self._tasks.clear()
         if self._unsubscribe is not None:
             self._unsubscribe()
         if self.service is not None:
@@ -337,6 +341,13 @@ class SystemDaemon:
         if self.runtime is not None:
             await self.runtime.close()
         self.notifier.close()
+
+
+    @staticmethod
+    async def _cancel(tasks: list[asyncio.Task]) -> None:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _config_path(args: Any) -> str:
