@@ -158,11 +158,17 @@ class SystemDaemon:
 
     @staticmethod
     def _activation_sockets(found: list[Any]) -> list[Any]:
+        from llmuxd.http.listen import socket_address
+
         named = [a.sock for a in found if a.name == HTTP_FD_NAME]
         if found and not named:
             log.warning("socket activation passed no socket named %r; serving on all %d passed",
                         HTTP_FD_NAME, len(found))
-        return named or [a.sock for a in found]
+        chosen = named or [a.sock for a in found]
+        if chosen:
+            log.info("socket activation: serving on %s (the socket stays systemd's across restarts)",
+                     ", ".join(socket_address(s) for s in chosen))
+        return chosen
 
     async def _export_bus(self) -> None:
         from dbus_fast import BusType
