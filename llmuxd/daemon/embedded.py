@@ -21,7 +21,7 @@ import logging
 import os
 import signal
 import socket
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from llmuxd.http import FrontEnd, HttpServer
 from llmuxd.eviction import STOP_EVICTION
@@ -92,11 +92,14 @@ def launch_settings_changed(old: Any, new: Any) -> list[str]:
 
 
 def attach_checkpoints(config: Any, orchestrator: Any, *, quarantine: dict,
-                       on_change: Callable[[], None] | None = None) -> Any:
+                       on_change: Callable[[], None] | None = None,
+                       command_prefix: Sequence[str] = ()) -> Any:
     """Install the checkpoint room on an orchestrator: cuda_suspend and CRIU
     process steps, verified eviction, the post-wake canary. Unsafe-eviction
     verdicts are kept in `quarantine` (system mode persists it in state.json;
-    `on_change` is called after each new verdict)."""
+    `on_change` is called after each new verdict). `command_prefix` goes before
+    every criu / cuda-checkpoint command (system mode: into the backends' mount
+    namespace)."""
     from llmuxd.checkpoint.canary import record_unsafe, unsafe_from_quarantine
     from llmuxd.checkpoint.manager import CheckpointManager
 
@@ -105,7 +108,7 @@ def attach_checkpoints(config: Any, orchestrator: Any, *, quarantine: dict,
         if on_change is not None:
             on_change()
 
-    manager = CheckpointManager(config, on_unsafe=on_unsafe).install(orchestrator)
+    manager = CheckpointManager(config, on_unsafe=on_unsafe, command_prefix=list(command_prefix)).install(orchestrator)
     manager.canary.load_unsafe(unsafe_from_quarantine(quarantine))
     return manager
 

@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import logging
 import os
+import shutil
 import signal
 from typing import Any, Callable
 
@@ -60,6 +61,28 @@ def status_line(status: Any, backend_state: Callable[[str], BackendState]) -> st
     return format_status(list(status.active_models), sleeping, queued,
                          switching=switching.replace("->", " -> ") if switching else None,
                          pinned=status.pinned)
+
+
+def backend_mount_prefix(nsenter: str | None = None) -> list[str]:
+    """What runs criu and cuda-checkpoint in the backends' mount namespace.
+
+    The unit's sandbox (ProtectSystem=, PrivateTmp=, ...) gives llmuxd a mount
+    namespace of its own, while the backends' units share PID 1's. Dumped from
+    ours, criu would take the backend's whole mount namespace into the image
+    and fail to restore it; from PID 1's it sees the host's, as it should.
+    Empty when we already are in PID 1's (no sandbox, or not under systemd)."""
+    try:
+        ours, theirs = os.stat("/proc/self/ns/mnt"), os.stat("/proc/1/ns/mnt")
+    except OSError:
+        return []
+    if (ours.st_dev, ours.st_ino) == (theirs.st_dev, theirs.st_ino):
+        return []
+    path = nsenter or shutil.which("nsenter")
+    if path is None:
+        log.warning("nsenter (util-linux) not found: criu runs in llmuxd's own mount namespace, "
+                    "where checkpointed models cannot be restored; install util-linux")
+        return []
+    return [path, "--mount=/proc/1/ns/mnt", "--"]
 
 
 class SystemDaemon:
@@ -118,7 +141,7 @@ class SystemDaemon:
         await self.runtime.connect()
         self.orchestrator = Orchestrator(self.config, self.runtime)
         self.checkpoints = attach_checkpoints(self.config, self.orchestrator, quarantine=self._quarantine,
-                                              on_change=self._save_state)
+                                              on_change=self._save_state, command_prefix=backend_mount_prefix())
         for problem in await self.checkpoints.preflight():
             log.warning("%s", problem)
 
