@@ -132,7 +132,7 @@ class SystemDaemon:
             log.info("config: %s", note)
 
         self.store = StateStore(self.config.state_dir)
-        self.store.ensure_directory()
+        self.store.ensure_directory(owner=self.config.user)  # also the backends' working directory
         saved = self.store.load()
         self._quarantine = dict(saved.quarantine)
 
