@@ -551,7 +551,11 @@ class Watcher:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
+            # one cancel is not enough: a client timeout firing at the same moment
+            # (a frozen backend's /metrics) can swallow it, and the watcher runs on
+            while not self._task.done():
+                self._task.cancel()
+                await asyncio.wait({self._task}, timeout=2)
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
 
