@@ -16,51 +16,19 @@ import json
 import socket
 
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from llmuxd.http import FrontEnd, HttpServer
 from llmuxd.metrics import Metrics
-from test_http import FakeSwitcher, make_config
+from test_http import FakeBackend, FakeSwitcher, make_config
 
 WAIT = 30  # generous bound for event waits; never a timing assertion
 DRAIN = 0.5  # the server's shutdown_timeout in these tests
 REQUEST = {"model": "alpha", "messages": [{"role": "user", "content": "hi"}]}
 
 
-class EndlessBackend:
-    """An SSE backend that never finishes; each event goes out in two writes
-    (a stream can be caught between them, in the middle of an event)."""
-
-    def __init__(self) -> None:
-        self.started = asyncio.Event()
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", self.chat)
-        self.server = TestServer(app)
-
-    @property
-    def url(self) -> str:
-        return str(self.server.make_url("")).rstrip("/")
-
-    async def chat(self, request: web.Request) -> web.StreamResponse:
-        body = await request.json()
-        if not body.get("stream"):
-            return web.json_response({"object": "chat.completion", "model": "alpha"})
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        n = 0
-        while True:
-            n += 1
-            await resp.write(b'data: {"model": "alpha", ')
-            await asyncio.sleep(0.02)
-            await resp.write(b'"n": %d}\n\n' % n)
-            self.started.set()
-            await asyncio.sleep(0.01)
-
-
 @pytest.fixture
 async def backend():
-    b = EndlessBackend()
+    b = FakeBackend("alpha")
     await b.server.start_server()
     yield b
     await b.server.close()
@@ -74,17 +42,17 @@ def listening_socket() -> socket.socket:
     return sock
 
 
-async def serve(backend: EndlessBackend, sock: socket.socket) -> HttpServer:
+async def serve(backend: FakeBackend, sock: socket.socket) -> HttpServer:
     front = FrontEnd(make_config(), FakeSwitcher({"alpha": backend.url, "beta": backend.url}), Metrics())
     server = HttpServer(front.make_app(), sockets=[sock], shutdown_timeout=DRAIN)
     await server.start()
     return server
 
 
-def raw_request(body: dict) -> bytes:
+def raw_request(body: dict, path: str = "/v1/chat/completions") -> bytes:
     data = json.dumps(body).encode()
-    return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: llmux\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+    return (b"POST %s HTTP/1.1\r\nHost: llmux\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (path.encode(), len(data), data))
 
 
 async def wait_until(predicate, what: str) -> None:
@@ -130,8 +98,8 @@ async def test_a_stream_longer_than_the_drain_ends_after_a_whole_event(backend):
     host, port = server.sockets[0].getsockname()
     try:
         reader, writer = await asyncio.open_connection(host, port)
-        writer.write(raw_request({**REQUEST, "stream": True}))
-        await asyncio.wait_for(backend.started.wait(), WAIT)
+        writer.write(raw_request({**REQUEST, "stream": True}, "/v1/endless"))
+        await asyncio.wait_for(backend.first_sent.wait(), WAIT)
         await server.stop()
         raw = await asyncio.wait_for(reader.read(), WAIT)
         writer.close()
