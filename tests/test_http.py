@@ -98,6 +98,7 @@ class FakeBackend:
         app.router.add_post("/v1/die-midstream", self.die_midstream)
         app.router.add_post("/v1/firehose", self.firehose)
         app.router.add_post("/v1/bad-params", self.bad_params)
+        app.router.add_post("/v1/endless", self.endless)
         self.server = TestServer(app)
 
     @property
@@ -150,6 +151,20 @@ class FakeBackend:
         except (asyncio.CancelledError, ConnectionError, RuntimeError):
             self.client_gone.set()
             raise
+
+    async def endless(self, request: web.Request) -> web.StreamResponse:
+        """An SSE stream that never finishes; each event goes out in two writes
+        (so a stream can be caught in the middle of an event)."""
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        n = 0
+        while True:
+            n += 1
+            await resp.write(b'data: {"model": "%s", ' % self.name.encode())
+            await asyncio.sleep(0.02)
+            await resp.write(b'"n": %d}\n\n' % n)
+            self.first_sent.set()
+            await asyncio.sleep(0.01)
 
     async def bad_params(self, request: web.Request) -> web.Response:
         return web.json_response(

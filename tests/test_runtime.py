@@ -314,8 +314,8 @@ async def test_systemd_not_reachable_is_a_clear_startup_error(address):
 async def test_a_unit_that_cannot_exec_fails_at_start_with_systemds_status(systemd_rt):
     with pytest.raises(BackendError) as err:
         await systemd_rt.start(LaunchSpec(model="nobody", argv=("sleep", "60"), user="no-such-llmux-user"))
-    assert err.value.phase == "start" and "exited with status 217" in str(err.value)  # 217/USER
-    assert "journalctl -u llmux-model-nobody.service" in str(err.value)
+    assert err.value.phase == "start" and "systemd exit status 217/USER" in str(err.value)
+    assert "user 'no-such-llmux-user': it does not exist here" in str(err.value)  # the cause, then the fix
 
 
 async def test_a_daemon_reload_does_not_look_like_an_exit(systemd_rt, real_systemd):  # noqa: F811

@@ -502,6 +502,27 @@ def test_stop_leaves_backends_running(svc):
     assert svc.systemctl("start", "llmuxd.service").returncode == 0
 
 
+def test_a_connection_to_the_socket_starts_the_stopped_service(svc):
+    """Socket activation on demand: with llmuxd.service stopped and
+    llmux.socket listening, a client's connection starts the service, and
+    its first request (sent at once, waiting in the backlog) is answered,
+    here by a model whose backend was stopped too (a cold start)."""
+    assert svc.systemctl("stop", "llmuxd.service").returncode == 0
+    assert svc.systemctl("stop", "llmux-model-alpha.service").returncode == 0
+    assert svc.prop("llmuxd.service", "ActiveState") == "inactive"
+    assert svc.prop("llmux.socket", "ActiveState") == "active"  # systemd listens alone
+    assert svc.prop("llmux.socket", "SubState") == "listening"
+    started = int(svc.prop("llmuxd.service", "ExecMainStartTimestampMonotonic") or 0)
+    status, body = svc.request("alpha")
+    assert status == 200, f"{status} {body}\n{svc.journal('-u', 'llmuxd.service')[-3000:]}"
+    assert body["model"] == "alpha"
+    assert svc.prop("llmuxd.service", "ActiveState") == "active"
+    assert int(svc.prop("llmuxd.service", "ExecMainStartTimestampMonotonic")) > started  # a new start
+    assert svc.prop("llmux.socket", "SubState") == "running"  # the socket handed over to the service
+    assert f"socket activation: serving on 127.0.0.1:{svc.port}" in svc.journal("-u", "llmuxd.service",
+                                                                f"_PID={svc.prop('llmuxd.service', 'MainPID')}")
+
+
 def test_bus_activation_starts_the_one_llmuxd(svc):
     assert svc.systemctl("stop", "llmuxd.service").returncode == 0
     # the activation file names the Alias=, which is llmuxd.service itself

@@ -21,7 +21,7 @@ import logging
 import os
 import signal
 import socket
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from llmuxd.http import FrontEnd, HttpServer
 from llmuxd.eviction import STOP_EVICTION
@@ -99,12 +99,14 @@ def launch_settings_changed(old: Any, new: Any) -> list[str]:
 
 
 def attach_checkpoints(config: Any, orchestrator: Any, *, quarantine: dict,
-                       on_change: Callable[[], None] | None = None) -> Any:
+                       on_change: Callable[[], None] | None = None,
+                       command_prefix: Sequence[str] = ()) -> Any:
     """Install the checkpoint room on an orchestrator: cuda_suspend and CRIU
     process steps, verified eviction, the post-wake canary. Unsafe-eviction
     verdicts are kept in `quarantine` (system mode persists it in state.json;
-    `on_change` is called after each new verdict). Object store transfers are
-    reported as journal events."""
+    `on_change` is called after each new verdict). `command_prefix` goes before
+    every criu / cuda-checkpoint command (system mode: into the backends' mount
+    namespace). Object store transfers are reported as journal events."""
     from llmuxd.checkpoint.canary import record_unsafe, unsafe_from_quarantine
     from llmuxd.checkpoint.manager import CheckpointManager
 
@@ -115,7 +117,7 @@ def attach_checkpoints(config: Any, orchestrator: Any, *, quarantine: dict,
 
     from llmuxd.daemon.journal import transfer_reporter
 
-    manager = CheckpointManager(config, on_unsafe=on_unsafe,
+    manager = CheckpointManager(config, on_unsafe=on_unsafe, command_prefix=list(command_prefix),
                                 report=transfer_reporter(logging.getLogger("llmuxd.checkpoint.store")),
                                 ).install(orchestrator)
     manager.canary.load_unsafe(unsafe_from_quarantine(quarantine))
@@ -149,6 +151,7 @@ class DaemonCore:
             self.metrics.effectiveness_source = lambda: checkpoints.effectiveness
         self.frontend = FrontEnd(config, self.switcher, self.metrics, version=self.version)
         self.app = self.frontend.make_app()
+        self.app.on_shutdown.append(self._refuse_waiters)
         self.http = HttpServer(self.app, listen=listen or config.listen, sockets=sockets)
         #: metrics_port's server (llmux 0.7's metrics server), on the host of the listen address
         self.metrics_http: HttpServer | None = None
@@ -246,8 +249,14 @@ class DaemonCore:
         self.config = config
         self.frontend.reload(config)
 
+    async def _refuse_waiters(self, app: Any) -> None:
+        """HTTP's drain is over with requests still waiting for a model: they
+        get 503 (ShuttingDown, OpenAI envelope) instead of a dropped connection."""
+        await self.switcher.close()
+
     async def stop(self) -> None:
-        """Stop serving (running requests get a short grace), then switching."""
+        """Stop serving (what was accepted is served within the server's
+        `shutdown_timeout`; see llmuxd/http/listen.py), then switching."""
         if self.metrics_http is not None:
             await self.metrics_http.stop()
         await self.http.stop()

@@ -25,6 +25,7 @@ from typing import Any
 
 from llmuxd.daemon.journal import EVENT_STATE_CORRUPT, EVENT_STATE_WRITE_FAILED, log_event
 from llmuxd.eviction import Eviction, EvictionError
+from llmuxd.runtime.unit_setup import user_ids
 
 log = logging.getLogger(__name__)
 
@@ -104,14 +105,28 @@ class StateStore:
         self.path = self.directory / filename
         self._last_written: bytes | None = None
 
-    def ensure_directory(self) -> bool:
-        """Create the state directory (0750) if it is missing; False if it cannot be."""
+    def ensure_directory(self, owner: str | None = None) -> bool:
+        """Create the state directory (0750) if it is missing; False if it cannot be.
+
+        A directory created here belongs to `owner` (and its primary group),
+        as the package's tmpfiles rule makes it (`d /var/lib/llmux 0750 llmux
+        llmux`): it is also the working directory of the backends, which run
+        as that user. An existing directory is left as it is."""
+        created = not self.directory.exists()
         try:
             self.directory.mkdir(mode=0o750, parents=True, exist_ok=True)
         except OSError as exc:
             log.warning("cannot create state directory %s: %s; run-time changes will not "
                         "survive a restart", self.directory, exc)
             return False
+        ids = user_ids(owner) if created else None
+        if ids is not None:
+            try:
+                os.chown(self.directory, *ids)
+                os.chmod(self.directory, 0o750)  # not narrowed by the unit's UMask=0077
+            except OSError as exc:
+                log.warning("cannot give state directory %s to user %s: %s; backends running as %s "
+                            "start in / instead", self.directory, owner, exc.strerror or exc, owner)
         return True
 
     def load(self) -> DaemonState:

@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import logging
 import os
+import shutil
 import signal
 from typing import Any, Callable
 
@@ -40,10 +41,13 @@ DEFAULT_CONFIG = "/etc/llmux/llmux.yaml"
 EXIT_CONFIG = 78
 #: sysexits.h EX_UNAVAILABLE: no system bus / no systemd / bus name taken
 EXIT_UNAVAILABLE = 69
-#: seconds in-flight requests get to finish at shutdown (TimeoutStopSec= is 90)
-SHUTDOWN_DRAIN = 30.0
+#: seconds in-flight requests get to finish at shutdown: TimeoutStopSec= (90 s)
+#: leaves room for the end grace (llmuxd/http/listen.py END_GRACE) and the rest
+SHUTDOWN_DRAIN = 60.0
 #: seconds between STATUS= refreshes and state.json checks
 HOUSEKEEPING_INTERVAL = 1.0
+#: the name of the task that sends WATCHDOG=1
+WATCHDOG_TASK = "llmuxd-watchdog"
 #: the activation socket llmux.socket names (FileDescriptorName=)
 HTTP_FD_NAME = "http"
 def status_line(status: Any, backend_state: Callable[[str], BackendState]) -> str:
@@ -57,6 +61,28 @@ def status_line(status: Any, backend_state: Callable[[str], BackendState]) -> st
     return format_status(list(status.active_models), sleeping, queued,
                          switching=switching.replace("->", " -> ") if switching else None,
                          pinned=status.pinned)
+
+
+def backend_mount_prefix(nsenter: str | None = None) -> list[str]:
+    """What runs criu and cuda-checkpoint in the backends' mount namespace.
+
+    The unit's sandbox (ProtectSystem=, PrivateTmp=, ...) gives llmuxd a mount
+    namespace of its own, while the backends' units share PID 1's. Dumped from
+    ours, criu would take the backend's whole mount namespace into the image
+    and fail to restore it; from PID 1's it sees the host's, as it should.
+    Empty when we already are in PID 1's (no sandbox, or not under systemd)."""
+    try:
+        ours, theirs = os.stat("/proc/self/ns/mnt"), os.stat("/proc/1/ns/mnt")
+    except OSError:
+        return []
+    if (ours.st_dev, ours.st_ino) == (theirs.st_dev, theirs.st_ino):
+        return []
+    path = nsenter or shutil.which("nsenter")
+    if path is None:
+        log.warning("nsenter (util-linux) not found: criu runs in llmuxd's own mount namespace, "
+                    "where checkpointed models cannot be restored; install util-linux")
+        return []
+    return [path, "--mount=/proc/1/ns/mnt", "--"]
 
 
 class SystemDaemon:
@@ -99,14 +125,14 @@ class SystemDaemon:
         # pings from the loop from the start: harmless before READY=1, and
         # nothing can forget to start them after
         self._tasks.append(asyncio.get_running_loop().create_task(self.notifier.run_watchdog(),
-                                                                  name="llmuxd-watchdog"))
+                                                                  name=WATCHDOG_TASK))
         self.notifier.status("reading configuration")
         self.config = load_config(self.config_path)
         for note in self.config.notes:
             log.info("config: %s", note)
 
         self.store = StateStore(self.config.state_dir)
-        self.store.ensure_directory()
+        self.store.ensure_directory(owner=self.config.user)  # also the backends' working directory
         saved = self.store.load()
         self._quarantine = dict(saved.quarantine)
 
@@ -115,7 +141,7 @@ class SystemDaemon:
         await self.runtime.connect()
         self.orchestrator = Orchestrator(self.config, self.runtime)
         self.checkpoints = attach_checkpoints(self.config, self.orchestrator, quarantine=self._quarantine,
-                                              on_change=self._save_state)
+                                              on_change=self._save_state, command_prefix=backend_mount_prefix())
         for problem in await self.checkpoints.preflight():
             log.warning("%s", problem)
 
@@ -158,11 +184,17 @@ class SystemDaemon:
 
     @staticmethod
     def _activation_sockets(found: list[Any]) -> list[Any]:
+        from llmuxd.http.listen import socket_address
+
         named = [a.sock for a in found if a.name == HTTP_FD_NAME]
         if found and not named:
             log.warning("socket activation passed no socket named %r; serving on all %d passed",
                         HTTP_FD_NAME, len(found))
-        return named or [a.sock for a in found]
+        chosen = named or [a.sock for a in found]
+        if chosen:
+            log.info("socket activation: serving on %s (the socket stays systemd's across restarts)",
+                     ", ".join(socket_address(s) for s in chosen))
+        return chosen
 
     async def _export_bus(self) -> None:
         from dbus_fast import BusType
@@ -322,13 +354,14 @@ class SystemDaemon:
             self.notifier.stopping()
             log_event(log, journal.EVENT_DAEMON_STOPPING, "stopping: draining requests for up to %.0fs; "
                       "backends %s", SHUTDOWN_DRAIN, "are stopped" if stop_backends else "keep running")
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks.clear()
+        # the watchdog keeps pinging while HTTP drains (a drain may outlast WatchdogSec)
+        watchdog = [t for t in self._tasks if t.get_name() == WATCHDOG_TASK]
+        await self._cancel([t for t in self._tasks if t not in watchdog])
         if self.core is not None:
             self._save_state()
             await self.core.stop()
+        await self._cancel(watchdog)
+        self._tasks.clear()
         if self._unsubscribe is not None:
             self._unsubscribe()
         if self.service is not None:
@@ -342,6 +375,13 @@ class SystemDaemon:
         if self.runtime is not None:
             await self.runtime.close()
         self.notifier.close()
+
+
+    @staticmethod
+    async def _cancel(tasks: list[asyncio.Task]) -> None:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _config_path(args: Any) -> str:

@@ -86,11 +86,17 @@ class FrontEnd:
             app.router.add_post(path, self.infer, expect_handler=self.expect)
         app.router.add_route("*", "/{tail:.*}", self.not_found)
         app.on_startup.append(self._on_startup)
+        app.on_shutdown.append(self._on_shutdown)
         app.on_cleanup.append(self._on_cleanup)
         return app
 
     async def _on_startup(self, app: web.Application) -> None:
         await self.upstream.start()
+
+    async def _on_shutdown(self, app: web.Application) -> None:
+        # the server's drain is over (llmuxd/http/listen.py): streams still
+        # running end after their current event instead of being cut anywhere
+        self.upstream.end_streams()
 
     async def _on_cleanup(self, app: web.Application) -> None:
         await self.upstream.close()

@@ -63,6 +63,19 @@ class UpstreamFailed(LLMuxError):
         self.backend_status = status
 
 
+class StreamEnded(LLMuxError):
+    """llmuxd stopped (or restarted) before a stream finished: the last event
+    of a stream it ended after a whole event, so the client can tell and retry."""
+
+    http_status = 503
+    openai_type = "service_unavailable"
+
+    def __init__(self, model: str):
+        super().__init__(f"llmux is stopping or restarting and could not wait for this stream from "
+                         f"'{model}' to finish; it ended here, after a whole event: send the request again")
+        self.model = model
+
+
 def error_body(exc: LLMuxError) -> dict:
     """The OpenAI envelope for an llmux error."""
     param = getattr(exc, "param", None)

@@ -9,6 +9,19 @@ Otherwise we bind `listen`: "host:port", "[v6]:port" or "unix:/path".
 The server also bounds slow clients: a connection that has not finished its
 first request's headers within `header_timeout` is closed (aiohttp bounds
 idle keep-alive connections itself with `keepalive_timeout`).
+
+Stopping drains (`HttpServer.stop`): it stops accepting first. With socket
+activation that closes only our descriptor of systemd's listening socket,
+which keeps listening: connections made meanwhile queue in its backlog for
+the next llmuxd, none is refused. Whatever was accepted is then served
+within `shutdown_timeout`: requests in progress run to their end, and a
+connection whose first request is still on its way gets it answered (a
+client cannot tell an accepted connection from one in the backlog, so
+closing it would lose its request). Answers sent while draining carry
+`Connection: close`. When time is up, the app's on_shutdown hooks run (the
+front end ends streams at the next event boundary, waiting requests get 503)
+and aiohttp gives running handlers `END_GRACE` more seconds before it
+cancels them and closes every connection.
 """
 
 from __future__ import annotations
@@ -27,6 +40,10 @@ from aiohttp import web
 log = logging.getLogger(__name__)
 
 SD_LISTEN_FDS_START = 3
+#: seconds handlers still running when the drain is over get to finish (after on_shutdown)
+END_GRACE = 5.0
+#: seconds between two looks at what is left while draining
+DRAIN_POLL = 0.05
 
 
 @dataclass(frozen=True)
@@ -157,6 +174,11 @@ class _HeaderDeadline:
         if handle is not None:
             handle.cancel()
 
+    @property
+    def waiting(self) -> int:
+        """Connections accepted whose first request has not arrived yet."""
+        return len(self._pending)
+
     def _expire(self, transport: asyncio.BaseTransport) -> None:
         if self._pending.pop(transport, None) is not None:
             log.info("closing a connection that sent no request headers within %.0fs", self.timeout)
@@ -174,6 +196,22 @@ def _supported(callable_: Callable, name: str) -> bool:
 
 
 _NATIVE_HANDLER_CANCELLATION = _supported(web.Server.__init__, "handler_cancellation")
+
+
+class _InFlight:
+    """Counts requests inside handlers, for the drain (the outermost middleware,
+    so a request counts from routing until its handler returned)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Callable) -> web.StreamResponse:
+        self.count += 1
+        try:
+            return await handler(request)
+        finally:
+            self.count -= 1
 
 
 class _GuardedProtocol(asyncio.Protocol):
@@ -226,6 +264,11 @@ class _GuardedSockSite(web.SockSite):
         super().__init__(runner, sock, **kw)
         self._deadline = deadline
 
+    def stop_accepting(self) -> None:
+        """Close our listening descriptor; accepted connections stay open."""
+        if self._server is not None:
+            self._server.close()
+
     async def start(self) -> None:
         await web.BaseSite.start(self)
         loop = asyncio.get_running_loop()
@@ -257,8 +300,13 @@ class HttpServer:
         self.keepalive_timeout = keepalive_timeout
         self.shutdown_timeout = shutdown_timeout
         self._runner: web.AppRunner | None = None
+        self._sites: list[_GuardedSockSite] = []
+        self._in_flight = _InFlight()
+        self._draining = False
         self.sockets: list[socket.socket] = []
+        app.middlewares.insert(0, self._in_flight.middleware)
         app.middlewares.append(self._deadline.middleware)
+        app.on_response_prepare.append(self._on_response_prepare)
 
     @property
     def addresses(self) -> list[str]:
@@ -271,11 +319,12 @@ class HttpServer:
         # always does), so waiting requests release their place at once
         if _NATIVE_HANDLER_CANCELLATION:
             runner_kw["handler_cancellation"] = True
-        # shutdown grace moved from the site to the runner in aiohttp 3.9
+        # aiohttp's own grace for handlers still running after our drain; it
+        # moved from the site to the runner in aiohttp 3.9
         if _supported(web.BaseRunner.__init__, "shutdown_timeout"):
-            runner_kw["shutdown_timeout"] = self.shutdown_timeout
+            runner_kw["shutdown_timeout"] = END_GRACE
         else:
-            site_kw["shutdown_timeout"] = self.shutdown_timeout
+            site_kw["shutdown_timeout"] = END_GRACE
         self._runner = web.AppRunner(self.app, **runner_kw)
         await self._runner.setup()
         if self._given is not None:
@@ -289,10 +338,42 @@ class HttpServer:
             else:
                 self.sockets = [bind_listen(self.listen)]
         for sock in self.sockets:
-            await _GuardedSockSite(self._runner, sock, self._deadline, **site_kw).start()
+            site = _GuardedSockSite(self._runner, sock, self._deadline, **site_kw)
+            await site.start()
+            self._sites.append(site)
+
+    @property
+    def busy(self) -> bool:
+        """Requests in handlers, or accepted connections whose request is on its way."""
+        return bool(self._in_flight.count or self._deadline.waiting)
 
     async def stop(self) -> None:
-        """Stop accepting, let running requests finish within the grace, close."""
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        """Stop accepting, serve what was accepted within `shutdown_timeout`,
+        then close (module docstring: "Stopping drains")."""
+        if self._runner is None:
+            return
+        self._draining = True
+        for site in self._sites:
+            site.stop_accepting()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.shutdown_timeout
+        # connections accepted just before are still being set up: let them
+        # reach connection_made (and so the header deadline's list) first
+        for _ in range(3):
+            await asyncio.sleep(0)
+        if self.busy:
+            log.info("draining: %d request(s) in progress, %d connection(s) waiting for their request",
+                     self._in_flight.count, self._deadline.waiting)
+        while self.busy and loop.time() < deadline:
+            await asyncio.sleep(DRAIN_POLL)
+        if self.busy:
+            log.warning("draining took longer than %.0fs: ending %d request(s) still in progress",
+                        self.shutdown_timeout, self._in_flight.count)
+        self._sites.clear()
+        await self._runner.cleanup()
+        self._runner = None
+
+    async def _on_response_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
+        if self._draining:  # the client's next request goes to the next llmuxd
+            response.force_close()
+            response.headers["Connection"] = "close"  # (headers were prepared before this hook)

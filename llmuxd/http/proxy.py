@@ -13,7 +13,9 @@ Failure rules (what the client sees):
 - it dies in the middle of any other body: the client connection is aborted,
   so the client sees a truncated response, never a silently short one;
 - the client goes away or stops reading for `write_timeout`: the upstream
-  request is closed too, so the backend stops generating.
+  request is closed too, so the backend stops generating;
+- llmuxd stops and cannot wait any longer (`end_streams`): each SSE stream
+  ends after its current event with an error event that says so.
 The caller releases the lease in every case (it holds it around `forward`).
 """
 
@@ -26,7 +28,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from llmuxd.http.errors import UpstreamFailed, sse_error_event
+from llmuxd.http.errors import StreamEnded, UpstreamFailed, sse_error_event
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,8 @@ HOP_BY_HOP = frozenset(
 
 #: response header naming the model that answered (debugging aid)
 ANSWERED_BY_HEADER = "X-LLMux-Model"
+#: how the bytes of an SSE stream end after a whole event (a blank line)
+EVENT_ENDS = (b"\n\n", b"\r\n\r\n", b"\r\r")
 
 
 class Upstream:
@@ -61,6 +65,12 @@ class Upstream:
         #: longest a client may leave one chunk unread before it is dropped
         self.write_timeout = write_timeout
         self._session: aiohttp.ClientSession | None = None
+        self._ending = False
+
+    def end_streams(self) -> None:
+        """From now on, end each SSE stream after its current event (llmuxd is
+        stopping and its drain is over); the backend request is closed."""
+        self._ending = True
 
     async def start(self) -> None:
         if self._session is None:
@@ -134,11 +144,19 @@ class Upstream:
         is_sse = upstream.content_type == "text/event-stream"
 
         chunk = first
+        tail = b""  # the last bytes sent of an SSE stream: is it after a whole event?
         try:
             await response.prepare(request)
             while chunk:
                 async with asyncio.timeout(self.write_timeout):
                     await response.write(chunk)
+                if is_sse:
+                    tail = (tail + chunk)[-4:]
+                    if self._ending and tail.endswith(EVENT_ENDS):
+                        async with asyncio.timeout(self.write_timeout):
+                            await response.write(sse_error_event(StreamEnded(model)))
+                            await response.write_eof()
+                        return response
                 try:
                     chunk = await upstream.content.readany()
                 except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:

@@ -18,6 +18,7 @@ Rules followed here (reference: system-conventions §3.3-3.5):
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import shutil
@@ -48,6 +49,7 @@ from llmuxd.runtime.base import (
     RunState,
     RuntimeUnavailable,
 )
+from llmuxd.runtime.unit_setup import explain_setup_failure, user_can_enter
 
 log = logging.getLogger("llmuxd.runtime.systemd")
 
@@ -228,6 +230,8 @@ class SystemdRuntime:
         self._systemd_owner: str | None = None
         #: fire-and-forget bus calls (RemoveMatch, re-Subscribe), cancelled on close
         self._background: set[asyncio.Task] = set()
+        #: (user, directory) pairs already warned about (see _reachable_directory)
+        self._unreachable_warned: set[tuple[str | None, str]] = set()
 
     # -- connection ---------------------------------------------------------
 
@@ -466,6 +470,7 @@ class SystemdRuntime:
             )
         if unit in self.foreign_units or await self._unit_is_foreign(unit):
             raise self._foreign_error(spec.model, unit)
+        spec = self._reachable_directory(spec)
         handle = _new_handle(spec.model, unit, spec)
         await self._track(handle)
         try:
@@ -494,16 +499,33 @@ class SystemdRuntime:
             handle.mark_exited(_exit_status(handle.props))
             # Type=exec: exec failed (203/EXEC, 217/USER, ...), or the process
             # ended before systemd saw the exec succeed
-            raise BackendError(
-                spec.model,
-                "start",
-                f"{unit} did not start: {handle.exit_status} (start job {result}); "
-                f"see 'journalctl -u {unit}'",
-            )
+            status = handle.exit_status
+            meaning = explain_setup_failure(
+                status.code if status is not None and status.result == "exit-code" else None,
+                unit=unit, user=spec.user, group=spec.group, directory=spec.working_directory,
+                command=os.path.abspath(exec_path))
+            reason = (f"{unit} did not start: {meaning}" if meaning else
+                      f"{unit} did not start: {status} (start job {result}); see 'journalctl -u {unit}'")
+            log.error("model %s: %s", spec.model, reason)
+            raise BackendError(spec.model, "start", reason)
         if handle.state is RunState.STARTING and not handle.exited.is_set():
             handle.state = RunState.RUNNING
         log.info("model %s: started unit %s (main pid %s)", spec.model, unit, handle.main_pid)
         return handle
+
+    def _reachable_directory(self, spec: LaunchSpec) -> LaunchSpec:
+        """The spec, without its working directory when the unit's user cannot
+        enter it (systemd would fail the start with 200/CHDIR): the backend
+        runs in / instead, and the operator is told once how to fix it."""
+        directory = spec.working_directory
+        if not directory or user_can_enter(directory, spec.user) is not False:
+            return spec  # reachable, or a user that does not exist (217/USER says so)
+        if (spec.user, directory) not in self._unreachable_warned:
+            self._unreachable_warned.add((spec.user, directory))
+            log.warning("user '%s' cannot enter %s, so backends running as it start in / instead; to give "
+                        "them that directory: chown %s: %s (what the package's tmpfiles rule does)",
+                        spec.user or "root", directory, spec.user or "root", directory)
+        return dataclasses.replace(spec, working_directory=None)
 
     async def _unit_is_foreign(self, unit: str) -> bool:
         """True when a loaded unit has our name but not our marker."""

@@ -355,6 +355,19 @@ class Outcome:
     lost: bool = False
     abandoned: bool = False
     started: float = 0.0  # time.monotonic() when it was sent
+    #: a stream's body as read line by line: bytes read, its last line, and the
+    #: reader (whose total_bytes also counts bytes received after the last whole line)
+    lines_read: int = 0
+    last_line: bytes = b""
+    body_reader: Any = field(default=None, repr=False)
+
+    @property
+    def ended_at_event_boundary(self) -> bool:
+        """Whether a stream stopped right after a whole SSE event (its last
+        line blank, no byte received after it): what an SSE client can use
+        without seeing half an event."""
+        received = self.body_reader.total_bytes if self.body_reader is not None else self.lines_read
+        return received == self.lines_read and not self.last_line.strip()
 
     def problems(self, allowed: frozenset[int]) -> list[str]:
         """What is wrong with this answer, by the suite's pass rule (empty: fine)."""
@@ -459,7 +472,10 @@ async def _send_aiohttp(session: aiohttp.ClientSession, base: str, r: Req, out: 
             out.finish_reason = choice.get("finish_reason")
             out.garbage = GARBAGE_MARK in _text_of(choice)
             return
+        out.body_reader = resp.content
         async for raw in resp.content:
+            out.lines_read += len(raw)
+            out.last_line = raw
             line = raw.strip()
             if r.abandon_after is not None and time.monotonic() - t0 >= r.abandon_after:
                 out.abandoned = True
@@ -593,7 +609,11 @@ class Watcher:
             self.stopped_at = time.monotonic()
         self._stopping.set()
         for task in tasks:
-            task.cancel()
+            # one cancel is not enough: a client timeout firing at the same moment
+            # (a frozen backend's /metrics) can swallow it, and the loop runs on
+            while not task.done():
+                task.cancel()
+                await asyncio.wait({task}, timeout=2)
         await asyncio.gather(*tasks, return_exceptions=True)
         if thread is not None:
             await asyncio.to_thread(thread.join)
