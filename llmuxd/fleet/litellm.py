@@ -48,8 +48,13 @@ log = logging.getLogger("llmux.fleet")
 
 #: LiteLLM provider prefixes that speak OpenAI's API to `api_base` with the rest as the model name
 OPENAI_COMPATIBLE = frozenset({"openai", "hosted_vllm", "text-completion-openai", "custom_openai"})
-#: exception classes (by name, anywhere in the MRO) that mean "the host did not answer"
-CONNECTION_ERRORS = frozenset({"APIConnectionError", "APITimeoutError"})
+#: exception classes (by name, anywhere in an MRO along the exception's chain) that mean
+#: "the host did not answer": LiteLLM reports a dropped connection as an InternalServerError
+#: caused by openai's APIConnectionError, caused by httpx's and aiohttp's own errors
+CONNECTION_ERRORS = frozenset({
+    "APIConnectionError", "APITimeoutError", "ConnectError", "ConnectTimeout", "ClientConnectionError",
+    "ConnectionError",
+})
 
 
 def deployment_target(deployment: Any) -> Optional[Tuple[str, str]]:
@@ -63,6 +68,16 @@ def deployment_target(deployment: Any) -> Optional[Tuple[str, str]]:
     if not name or provider not in OPENAI_COMPATIBLE:
         return None
     return str(base), name
+
+
+def connection_failure(exc: Optional[BaseException]) -> bool:
+    """Whether `exc` or anything that caused it is a failure to reach the host."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if any(c.__name__ in CONNECTION_ERRORS for c in type(exc).__mro__):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 def _env_float(name: str) -> Optional[float]:
@@ -107,7 +122,7 @@ class LLMuxRouting(CustomLogger):
 
     async def async_log_failure_event(self, kwargs: Any, response_obj: Any, start_time: Any, end_time: Any) -> None:
         exc = kwargs.get("exception") if isinstance(kwargs, dict) else None
-        if exc is None or not any(c.__name__ in CONNECTION_ERRORS for c in type(exc).__mro__):
+        if not connection_failure(exc):
             return
         params = kwargs.get("litellm_params") or {}
         base = params.get("api_base") or (kwargs.get("standard_logging_object") or {}).get("api_base")

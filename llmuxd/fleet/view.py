@@ -4,8 +4,9 @@
 the network: it reads the last signal each host sent. One asyncio task per host
 polls `GET /llmux/v1/state` every `refresh_s` seconds on the loop that first
 asked (LiteLLM's event loop when it runs inside LiteLLM). A host whose last
-signal is older than `stale_s`, whose last poll failed, or that a router saw
-refuse a connection (`mark_down`) is skipped until a poll succeeds again; when
+signal is older than `stale_s` (it stopped answering in time), that refused or
+broke the last poll's connection or did not answer as llmux, or that a router saw
+fail to connect (`mark_down`) is skipped until a poll succeeds again; when
 every host is skipped `choose` returns nothing and the router routes as it would
 without llmux.
 
@@ -143,7 +144,11 @@ class FleetView:
                 if resp.status != 200:
                     raise SignalError(f"HTTP {resp.status} from {key}")
                 signal = HostSignal.from_json(await resp.json(content_type=None))
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
+        except asyncio.TimeoutError:
+            # slow, not gone: the last signal stays in use until it is stale
+            rec.error = f"no answer within {self.timeout_s:g}s"
+            return rec
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
             if not rec.down:
                 log.warning("llmux fleet: %s unreachable or not llmux, skipped: %s", key, _one_line(exc))
             rec.down, rec.error = True, _one_line(exc)
