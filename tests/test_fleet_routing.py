@@ -175,3 +175,31 @@ async def test_view_skips_a_host_that_is_not_llmux() -> None:
 def test_view_settings_are_checked() -> None:
     with pytest.raises(ValueError, match="refresh_s"):
         FleetView(refresh_s=0)
+
+
+async def test_view_keeps_a_slow_hosts_last_signal_until_it_is_stale() -> None:
+    now = [0.0]
+    slow = asyncio.Event()
+
+    async def state(request: web.Request) -> web.Response:
+        if slow.is_set():
+            await asyncio.sleep(WAIT)
+        return web.json_response(host(m=model("awake")).to_json())
+
+    app = web.Application()
+    app.router.add_get("/llmux/v1/state", state)
+    server = TestServer(app)
+    await server.start_server()
+    base = str(server.make_url(""))
+    view = FleetView(refresh_s=30, stale_s=5, timeout_s=0.2, clock=lambda: now[0])
+    try:
+        await view.refresh(base)
+        slow.set()
+        rec = await view.refresh(base)  # times out: slow, not gone
+        assert not rec.down and "no answer within" in (rec.error or "")
+        assert view.choose([("x", base, "m")]) == ["x"]
+        now[0] = 6.0
+        assert view.choose([("x", base, "m")]) == []
+    finally:
+        await view.close()
+        await server.close()
