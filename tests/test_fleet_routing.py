@@ -26,9 +26,9 @@ WAIT = 30
 
 
 def model(state: str = "asleep", *, wait: float = 5.0, fits: bool = True, accepts: bool = True,
-          load: int = 0) -> ModelSignal:
+          load: int = 0, warm: bool = False) -> ModelSignal:
     return ModelSignal(state=state, switcher_state=state, accepts=accepts, in_flight=load, queue_depth=0,
-                       wait_estimate_s=wait, fits_without_eviction=fits)
+                       wait_estimate_s=wait, fits_without_eviction=fits, warm=warm)
 
 
 def host(**models: ModelSignal) -> HostSignal:
@@ -52,6 +52,10 @@ RANKING = [
      [opt("x", host(m=model(wait=1, fits=False))), opt("y", host(m=model(wait=4)))], ["y"]),
     ("another model claimed there means an eviction",
      [opt("x", host(m=model(wait=1)), claimed=("other",)), opt("y", host(m=model(wait=4)))], ["y"]),
+    ("then a host where it is warm (a wake, not a cold start), whatever the estimates",
+     [opt("x", host(m=model(wait=1, fits=False))), opt("y", host(m=model(wait=4, fits=False, warm=True)))], ["y"]),
+    ("room beats warm: no eviction chain",
+     [opt("x", host(m=model(wait=9))), opt("y", host(m=model(wait=1, fits=False, warm=True)))], ["x"]),
     ("then the lowest wait estimate",
      [opt("x", host(m=model(wait=4))), opt("y", host(m=model(wait=2))), opt("z", host(m=model(wait=3)))], ["y"]),
     ("then the least loaded host",

@@ -27,6 +27,11 @@ async def a_served(h: Host) -> None:
     await h.serve("a")
 
 
+async def a_then_b(h: Host) -> None:
+    await h.serve("a")
+    await h.serve("b")
+
+
 async def b_starting(h: Host) -> None:
     await h.serve("a")
     await h.hold_start("b")
@@ -50,8 +55,14 @@ async def budget_a_awake(h: Host) -> None:
     await h.serve("a")
 
 
-def expect(state: str, *, accepts: bool = True, fits: bool = True, switcher: Optional[str] = None) -> Dict[str, Any]:
-    return {"state": state, "accepts": accepts, "fits_without_eviction": fits, **({"switcher_state": switcher} if switcher else {})}
+def expect(state: str, *, accepts: bool = True, fits: bool = True, warm: Optional[bool] = None,
+           switcher: Optional[str] = None) -> Dict[str, Any]:
+    out: Dict[str, Any] = {"state": state, "accepts": accepts, "fits_without_eviction": fits}
+    if warm is not None:
+        out["warm"] = warm
+    if switcher:
+        out["switcher_state"] = switcher
+    return out
 
 
 BUDGET = {"a": {"gpu_memory_gib": 10}, "b": {"gpu_memory_gib": 10}, "c": {"gpu_memory_gib": 25}}
@@ -60,12 +71,16 @@ SCENARIOS: List[tuple] = [
     ("fresh: nothing awake, each fits", ("a", "b"), {}, fresh,
      {"a": expect("asleep"), "b": expect("asleep")}, {"awake": (), "used_ratio": 0.0}),
     ("a awake: b would evict it", ("a", "b"), {}, a_served,
-     {"a": expect("awake", switcher="active"), "b": expect("asleep", fits=False)},
+     {"a": expect("awake", warm=True, switcher="active"), "b": expect("asleep", fits=False, warm=False)},
      {"awake": ("a",), "used_ratio": 1.0}),
+    ("a put to sleep for b: a stays warm", ("a", "b"), {}, a_then_b,
+     {"a": expect("asleep", fits=False, warm=True), "b": expect("awake", warm=True)}, {"awake": ("b",)}),
+    ("a stopped for b: a is cold", {"a": {"eviction": "retain+stop"}, "b": {}}, {}, a_then_b,
+     {"a": expect("asleep", fits=False, warm=False), "b": expect("awake")}, {"awake": ("b",)}),
     ("b starting while a is put away", ("a", "b"), {}, b_starting,
      {"a": expect("asleep", fits=False), "b": expect("starting", switcher="waking")}, {}),
     ("b's start failed", ("a", "b"), {"policy": {"failure_backoff": 60}}, b_failed,
-     {"a": expect("asleep"), "b": expect("failed", switcher="failed")}, {}),
+     {"a": expect("asleep"), "b": expect("failed", warm=False, switcher="failed")}, {}),
     ("pinned to a: b refused", ("a", "b"), {}, pinned_to_a,
      {"a": expect("awake"), "b": expect("asleep", accepts=False, fits=False)}, {}),
     ("b's queue is full", ("a", "b"), {"policy": {"queue_limit": 1}}, queue_full,
@@ -122,7 +137,7 @@ async def test_models_list_carries_the_per_model_fleet_block() -> None:
             m = signal.models[name]
             assert data[name]["fleet"] == {"state": m.state, "accepts": m.accepts,
                                            "wait_estimate_s": m.wait_estimate_s,
-                                           "fits_without_eviction": m.fits_without_eviction}
+                                           "fits_without_eviction": m.fits_without_eviction, "warm": m.warm}
         assert data["a"]["state"] == "active"  # the switcher's own state is unchanged
 
 

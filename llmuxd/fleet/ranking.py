@@ -12,8 +12,10 @@ ships. The rule, in order:
    there (or this router just sent it there to be started: a *claim*, which
    bridges the gap until the host's next signal shows it); then a host that can
    wake it **without evicting** another model (free budget in its GPU group, and
-   no other model claimed there); then the lowest **wait estimate** (the host's
-   own `Retry-After` estimate); then the least loaded host; then a stable hash of
+   no other model claimed there); then a host where it is **warm** (loaded but
+   asleep: a wake of seconds, where elsewhere it would be a cold start, and the
+   model returns to the host it lived on); then the lowest **wait estimate** (the
+   host's own `Retry-After` estimate); then the least loaded host; then a stable hash of
    (model, host), so that different asleep models spread over equal hosts and
    every router instance picks the same one.
 
@@ -61,7 +63,7 @@ def spread_hash(model: str, host: str) -> int:
     return int.from_bytes(digest, "big")
 
 
-def rank(option: Option) -> Tuple[int, int, float, int, int]:
+def rank(option: Option) -> Tuple[int, int, int, float, int, int]:
     """Sort key for a host where the model is not awake (smaller is better)."""
     ms = option.model_signal
     assert ms is not None and option.signal is not None
@@ -72,7 +74,8 @@ def rank(option: Option) -> Tuple[int, int, float, int, int]:
     else:
         tier = 1
     evicts = not ms.fits_without_eviction or bool(option.claimed - {option.model})
-    return (tier, int(evicts), ms.wait_estimate_s, option.signal.load, spread_hash(option.model, option.host))
+    return (tier, int(evicts), int(not ms.warm), ms.wait_estimate_s, option.signal.load,
+            spread_hash(option.model, option.host))
 
 
 def preferred(options: Sequence[Option]) -> List[Option]:

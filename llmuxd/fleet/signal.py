@@ -15,7 +15,10 @@ Per model, a router needs what a new request would meet on this host:
 - `wait_estimate_s`: the switcher's own estimate of the seconds until it would
   serve a new request (the one behind `Retry-After`);
 - `fits_without_eviction`: whether it can be woken without putting another model
-  to sleep (its GPU group has room for it now).
+  to sleep (its GPU group has room for it now);
+- `warm`: its backend is loaded on this host (woken here before, and its eviction
+  keeps the process: asleep in host RAM, frozen or suspended), so waking it costs a
+  wake, not a cold start.
 Per GPU group, the budget use: what is awake and how much of the budget it takes.
 """
 
@@ -70,6 +73,7 @@ class ModelSignal:
     queue_depth: int
     wait_estimate_s: float
     fits_without_eviction: bool
+    warm: bool = False
     group: str = "default"
     gpu_memory_gib: Optional[float] = None
     last_error: Optional[str] = None
@@ -148,6 +152,7 @@ def _model(m: Mapping[str, Any]) -> ModelSignal:
         queue_depth=int(m.get("queue_depth", 0)),
         wait_estimate_s=float(m.get("wait_estimate_s", 0.0)),
         fits_without_eviction=bool(m.get("fits_without_eviction", False)),
+        warm=bool(m.get("warm", False)),
         group=str(m.get("group", "default")),
         gpu_memory_gib=None if memory is None else float(memory),
         last_error=m.get("last_error"),

@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 OCCUPYING = frozenset({"active", "draining", "evicting", "waking"})
 #: budget arithmetic tolerance (GiB), as the switcher's
 _EPS = 1e-6
+#: eviction process strategies that leave the backend loaded (a wake, not a cold start)
+KEEPS_PROCESS = frozenset({"keep_running", "freeze", "cuda_suspend"})
 
 
 def host_signal(config: Any, status: Any, version: str = "") -> HostSignal:
@@ -95,6 +97,14 @@ def _fits(config: Any, status: Any, name: str, occupying: list) -> bool:
     return used + _memory(config, name, budget) <= budget + _EPS
 
 
+def _warm(ms: Any) -> bool:
+    """Loaded on this host: awake, or woken here before and put away without stopping it."""
+    if ms.state == "active":
+        return True
+    process = str(ms.eviction).partition("+")[2]
+    return ms.state != "failed" and ms.last_switch_s is not None and process in KEEPS_PROCESS
+
+
 def _model_signal(config: Any, status: Any, name: str, ms: Any, occupying: list, queue_limit: int) -> ModelSignal:
     state = fleet_state(ms.state)
     refused_by_pin = status.mode == "manual" and name != status.pinned and ms.state != "active"
@@ -107,6 +117,7 @@ def _model_signal(config: Any, status: Any, name: str, ms: Any, occupying: list,
         queue_depth=int(ms.queue_depth),
         wait_estimate_s=round(float(ms.wait_estimate), 3),
         fits_without_eviction=_fits(config, status, name, occupying),
+        warm=_warm(ms),
         group=str(ms.group),
         gpu_memory_gib=getattr(mc, "gpu_memory_gib", None),
         last_error=ms.last_error,
@@ -127,6 +138,7 @@ def model_fleet_fields(frontend: Any, status: Any, name: str) -> Optional[Dict[s
         "accepts": signal.accepts,
         "wait_estimate_s": signal.wait_estimate_s,
         "fits_without_eviction": signal.fits_without_eviction,
+        "warm": signal.warm,
     }
 
 
