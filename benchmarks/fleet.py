@@ -34,13 +34,13 @@ import argparse
 import asyncio
 import logging
 import random
-import statistics
+import shutil
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -121,8 +121,10 @@ HEAD = ["fleet", "routing", "requests", "switches", "switches/1000", "p50 s", "p
 
 
 def real_part(args: argparse.Namespace) -> Optional[List[List[str]]]:
+    from prometheus_client.parser import text_string_to_metric_families
+
     from fleet_harness import (  # the fleet tests' hosts, proxy and client
-        MODELS, LiteLLMProxy, Req, litellm_bin, litellm_config, metric_sum, problems, run_clients, start_hosts,
+        MODELS, LiteLLMProxy, Req, litellm_bin, litellm_config, problems, run_clients, start_hosts,
     )
 
     exe, why = litellm_bin()
@@ -150,12 +152,17 @@ def real_part(args: argparse.Namespace) -> Optional[List[List[str]]]:
         def scrape() -> Dict[str, float]:
             totals = {"switches": 0.0, "switch_s": 0.0, "serving_s": 0.0}
             for h in hosts:
-                text = h.daemon.metrics()
-                totals["switches"] += metric_sum(text, "llmux_switch_total{")
-                totals["switch_s"] += (metric_sum(text, 'llmux_switch_phase_seconds_sum{phase="sleep"')
-                                       + metric_sum(text, 'llmux_switch_phase_seconds_sum{phase="wake"'))
-                totals["serving_s"] += (metric_sum(text, "llmux_request_duration_seconds_sum{")
-                                        - metric_sum(text, "llmux_request_queue_wait_seconds_sum{"))
+                for family in text_string_to_metric_families(h.daemon.metrics()):
+                    for sample in family.samples:
+                        name, labels, value = sample.name, sample.labels, sample.value
+                        if name == "llmux_switch_total":
+                            totals["switches"] += value
+                        elif name == "llmux_switch_phase_seconds_sum" and labels.get("phase") in ("sleep", "wake"):
+                            totals["switch_s"] += value
+                        elif name == "llmux_request_duration_seconds_sum":
+                            totals["serving_s"] += value
+                        elif name == "llmux_request_queue_wait_seconds_sum":
+                            totals["serving_s"] -= value
             return totals
 
         # every model started once on every host, so that neither routing pays the cold starts
@@ -183,12 +190,15 @@ def real_part(args: argparse.Namespace) -> Optional[List[List[str]]]:
                 print(f"  round {rnd + 1} {routing}: {len(outcomes)} requests, "
                       f"{int(after['switches'] - before['switches'])} switches, {time.monotonic() - t0:.0f}s",
                       file=sys.stderr)
-        return tally_rows("3 hosts (real, LiteLLM)", tallies["default"], tallies["llmux"])
+        rows = tally_rows("3 hosts (real, LiteLLM)", tallies["default"], tallies["llmux"])
     finally:
         for p in proxies.values():
             p.stop()
         for h in hosts:
             h.stop()
+    if not args.keep:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return rows
 
 
 # ============================================================================ 2. simulated
@@ -196,18 +206,24 @@ def real_part(args: argparse.Namespace) -> Optional[List[List[str]]]:
 
 class InProcessView(FleetView):
     """llmux's FleetView reading each host's signal from its switcher directly (the same
-    `host_signal` the daemon serves) instead of over HTTP, on the virtual clock."""
+    `host_signal` the daemon serves) instead of over HTTP, on the virtual clock. A signal is
+    re-read when a request needs it and it is a refresh interval old: what polling gives a
+    router (a view at most `refresh_s` old), without polling idle hosts every virtual second."""
 
     def __init__(self, hosts: Dict[str, Tuple[Switcher, Any]], **kw: Any):
         super().__init__(**kw)
         self.sources = {host_key(base): pair for base, pair in hosts.items()}
 
-    async def refresh(self, base: str) -> HostRecord:
+    def _ensure_polling(self, key: str) -> None:
+        pass  # read on demand in signal()
+
+    def signal(self, base: str):  # type: ignore[override]
         key = host_key(base)
         rec = self.hosts.setdefault(key, HostRecord(key))
-        switcher, config = self.sources[key]
-        rec.signal, rec.fetched_at, rec.down = host_signal(config, switcher.status()), self.clock(), False
-        return rec
+        if self.clock() - rec.fetched_at >= self.refresh_s:
+            switcher, config = self.sources[key]
+            rec.signal, rec.fetched_at, rec.down = host_signal(config, switcher.status()), self.clock(), False
+        return super().signal(base)
 
 
 @dataclass(frozen=True)
@@ -313,8 +329,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--per-client", type=int, default=50, help="real: requests per client per round (default 50)")
     p.add_argument("--rounds", type=int, default=2, help="real: rounds per routing, alternating (default 2)")
     p.add_argument("--refresh", type=float, default=0.5, help="real: the hook's poll interval, s (default 0.5)")
+    p.add_argument("--keep", action="store_true", help="real: keep the hosts' and proxies' logs (printed path)")
     p.add_argument("--sim-hosts", type=int, nargs="+", default=[16, 32, 64], help="sim: fleet sizes")
-    p.add_argument("--duration", type=float, default=300.0, help="sim: seconds of arrivals (default 300)")
+    p.add_argument("--duration", type=float, default=150.0, help="sim: seconds of arrivals (default 150)")
     p.add_argument("--service", type=float, default=0.5, help="sim: seconds per request (default 0.5)")
     p.add_argument("--switch-cost", type=float, default=5.0, help="sim: seconds per wake from sleep (default 5)")
     p.add_argument("--start-cost", type=float, default=20.0, help="sim: seconds per cold start (default 20)")
