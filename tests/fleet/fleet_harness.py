@@ -33,9 +33,10 @@ import yaml
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "stress"))
 
+from daemon_process import stop_process, wait_healthy  # noqa: E402
 from harness import (  # noqa: E402  (the stress suite's daemon, client rule and helpers)
     LOST_GRACE, REQUEST_TIMEOUT, REPO, Daemon, Outcome, Req, SimModel, backend_children, config_data,
-    free_port, http, metric_sum, pid_alive,
+    free_port, http, metric_sum, pid_alive, read_error_body, sse_events,
 )
 
 MODELS = ("alpha", "beta", "gamma")
@@ -227,26 +228,13 @@ class LiteLLMProxy:
 
     def wait_ready(self) -> "LiteLLMProxy":
         assert self.proc is not None
-        deadline = time.monotonic() + PROXY_START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"LiteLLM exited {self.proc.returncode}:\n{self.log()[-4000:]}")
-            try:
-                if http(self.base + "/health/liveliness", timeout=2)[0] == 200:
-                    return self
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"LiteLLM not ready in {PROXY_START_TIMEOUT:.0f}s:\n{self.log()[-4000:]}")
+        wait_healthy(self.proc, self.base, lambda: self.log()[-4000:], PROXY_START_TIMEOUT,
+                     path="/health/liveliness", name="LiteLLM")
+        return self
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc, grace=30)
         if getattr(self, "_log", None) is not None:
             self._log.close()
 
@@ -304,26 +292,12 @@ async def _post(session: aiohttp.ClientSession, base: str, body: Dict[str, Any],
         out.host = api_base[: -len("/v1")] if api_base and api_base.endswith("/v1") else api_base
         out.retries = int(resp.headers.get("x-litellm-attempted-retries") or 0)
         if resp.status != 200:
-            try:
-                out.error_body = await resp.json(content_type=None)
-            except ValueError:
-                out.error_body = (await resp.read())[:300]
+            await read_error_body(resp, out)
             return
         if not r.stream:
             _stamp(await resp.json(), out)
             return
-        async for raw in resp.content:
-            line = raw.strip()
-            if not line.startswith(b"data:"):
-                continue
-            data = line[5:].strip()
-            if data == b"[DONE]":
-                out.done = True
-                continue
-            event = json.loads(data)
-            if "error" in event:
-                out.stream_error = str(event["error"])[:200]
-                continue
+        async for event in sse_events(resp, out):
             _stamp(event, out)
 
 

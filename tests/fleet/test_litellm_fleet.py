@@ -29,6 +29,7 @@ from typing import Dict, Iterator, List
 import pytest
 import yaml
 
+from daemon_process import wait_until
 from fleet_harness import (
     MODELS, FleetHost, FleetOutcome, LiteLLMProxy, Req, hosts_by_model, litellm_config, problems,
     require_litellm, run_clients, start_hosts,
@@ -95,16 +96,6 @@ def send(proxy: LiteLLMProxy, per_client: List[List[Req]]) -> List[FleetOutcome]
     return asyncio.run(run_clients(proxy.base, proxy.key, per_client))
 
 
-def wait_until(what: str, predicate, timeout: float = SETTLE):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def settle(fleet: Fleet) -> None:
     """Warm-up through the routed proxy until each model is awake on its own host."""
     def one_per_host() -> bool:
@@ -113,7 +104,7 @@ def settle(fleet: Fleet) -> None:
         where = fleet.awake_map()
         return all(len(v) == 1 for v in where.values()) and len({v[0] for v in where.values()}) == len(MODELS)
 
-    wait_until("each model awake on a host of its own", one_per_host)
+    wait_until("each model awake on a host of its own", one_per_host, SETTLE)
     time.sleep(4 * fleet.routed.refresh_s)  # the proxy's view catches up (not a timing assertion)
 
 
