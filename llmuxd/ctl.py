@@ -8,6 +8,7 @@
     llmuxctl eviction MODEL [EVICTION | --reset]
     llmuxctl reload
     llmuxctl logs MODEL [JOURNALCTL-ARGS...]
+    llmuxctl fleet HOST_URL...           several hosts' state, and a LiteLLM config for them (HTTP, no bus)
 
 It talks to the system bus (DBUS_SYSTEM_BUS_ADDRESS is honoured) or, with
 --user, to an embedded daemon on the session bus. Errors are one line on
@@ -126,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("logs", help="show MODEL's backend log (journalctl)")
     s.add_argument("model")
     s.add_argument("journal_args", nargs=argparse.REMAINDER, help="passed to journalctl (e.g. -f, -n 50)")
+    s = sub.add_parser("fleet", help="show several llmux hosts' state and print a LiteLLM config for them")
+    s.add_argument("hosts", nargs="+", metavar="HOST_URL", help="e.g. http://gpu1:3000 (or gpu1:3000)")
+    s.add_argument("--only", choices=["table", "litellm", "vllm-router"], help="print only this part")
     return p
 
 
@@ -200,6 +204,8 @@ class Ctl:
         a = self.args
         if a.command == "logs":
             return self.logs()
+        if a.command == "fleet":
+            return await self.fleet()
         client = await self.connect()
         try:
             return await getattr(self, "cmd_" + a.command)(client)
@@ -222,6 +228,23 @@ class Ctl:
         except OSError as exc:
             raise CtlError(f"cannot run {argv[0]}: {exc.strerror}; is systemd's journalctl installed?") from None
         return EXIT_OK  # not reached
+
+    async def fleet(self) -> int:
+        """Over HTTP, not the bus: the hosts are other machines."""
+        from llmuxd.fleet import cli
+
+        reports = await cli.fetch_all(self.args.hosts)
+        down = [r for r in reports if r.signal is None]
+        if len(down) == len(reports):
+            raise CtlError("no host answered: " + "; ".join(f"{r.url}: {r.error}" for r in down), EXIT_UNREACHABLE)
+        if self.args.json:
+            print(json.dumps(cli.as_json(reports), indent=2, sort_keys=True))
+        else:
+            print(cli.render(reports, self.args.only))
+        if down:
+            print(f"llmuxctl: {len(down)} of {len(reports)} hosts did not answer; they are left out", file=sys.stderr)
+            return EXIT_FAILED
+        return EXIT_OK
 
     async def cmd_status(self, c: LLMuxClient) -> int:
         status = await c.status()

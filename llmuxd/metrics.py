@@ -25,6 +25,7 @@ import logging
 from typing import Any, Callable, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 log = logging.getLogger(__name__)
@@ -212,3 +213,60 @@ class Metrics:
     def render(self) -> tuple[bytes, str]:
         """The text exposition and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+# -- the fleet signal (llmuxd/http/fleet.py) -----------------------------------
+
+FLEET_MODEL_STATE = "llmux_model_state"
+FLEET_WAIT_ESTIMATE = "llmux_model_wait_estimate_seconds"
+FLEET_GROUP_BUDGET = "llmux_gpu_group_budget_gib"
+FLEET_GROUP_USED = "llmux_gpu_group_used_gib"
+FLEET_GROUP_USED_RATIO = "llmux_gpu_group_used_ratio"
+
+
+class FleetCollector:
+    """The fleet signal as gauges, read from `source()` (a `HostSignal` or None) at scrape.
+
+    A collector rather than Gauge objects: every scrape shows the same snapshot that
+    `GET /llmux/v1/state` would answer, and a model removed by a reload disappears
+    instead of keeping its last value."""
+
+    STATES = ("awake", "starting", "asleep", "failed")
+
+    def __init__(self, source: Callable[[], Any]):
+        self.source = source
+
+    def _families(self) -> list:
+        return [
+            GaugeMetricFamily(FLEET_MODEL_STATE, "1 for the model's fleet state (awake, starting, asleep, failed), else 0",
+                              labels=["model", "state"]),
+            GaugeMetricFamily(FLEET_WAIT_ESTIMATE, "Seconds until the model would serve a new request (what Retry-After says)",
+                              labels=["model"]),
+            GaugeMetricFamily(FLEET_GROUP_BUDGET, "The GPU group's memory budget in GiB (absent: one model awake at a time)",
+                              labels=["group"]),
+            GaugeMetricFamily(FLEET_GROUP_USED, "GiB of the GPU group's budget held by awake models", labels=["group"]),
+            GaugeMetricFamily(FLEET_GROUP_USED_RATIO, "Share of the GPU group in use: used/budget, or awake models without a budget",
+                              labels=["group"]),
+        ]
+
+    def describe(self) -> Iterable[Any]:
+        return self._families()
+
+    def collect(self) -> Iterable[Any]:
+        state, wait, budget, used, ratio = families = self._families()
+        try:
+            signal = self.source()
+        except Exception:  # noqa: BLE001 - a scrape must not fail on it
+            log.exception("metrics: could not read the fleet signal")
+            signal = None
+        if signal is not None:
+            for name, m in sorted(signal.models.items()):
+                for s in self.STATES:
+                    state.add_metric([name, s], 1.0 if m.state == s else 0.0)
+                wait.add_metric([name], m.wait_estimate_s)
+            for name, g in sorted(signal.groups.items()):
+                if g.budget_gib is not None:
+                    budget.add_metric([name], g.budget_gib)
+                    used.add_metric([name], g.used_gib or 0.0)
+                ratio.add_metric([name], g.used_ratio)
+        return families

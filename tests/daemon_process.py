@@ -94,21 +94,21 @@ def daemon_env() -> dict[str, str]:
 
 
 def wait_healthy(proc: subprocess.Popen, base: str, log: Callable[[], str],
-                 timeout: float = START_TIMEOUT) -> None:
-    """Return once `base`/health answers 200; AssertionError with the log if the
-    daemon exits first or is not ready within `timeout`."""
+                 timeout: float = START_TIMEOUT, *, path: str = "/health", name: str = "llmuxd") -> None:
+    """Return once `base` + `path` answers 200; AssertionError with the log if the
+    process (`name`) exits first or is not ready within `timeout`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"llmuxd exited {proc.returncode}:\n{log()}")
+            raise AssertionError(f"{name} exited {proc.returncode}:\n{log()}")
         try:
-            with urllib.request.urlopen(base + "/health", timeout=2) as resp:
+            with urllib.request.urlopen(base + path, timeout=2) as resp:
                 if resp.status == 200:
                     return
         except OSError:
             pass
         time.sleep(0.1)
-    raise AssertionError(f"llmuxd not ready in {timeout}s:\n{log()}")
+    raise AssertionError(f"{name} not ready in {timeout}s:\n{log()}")
 
 
 def stop_process(proc: subprocess.Popen, grace: float = 60) -> int:

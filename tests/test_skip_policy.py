@@ -54,6 +54,10 @@ def test_real_vllm_skipif():
 def test_s3_skip():
     pytest.skip("moto_server is missing")
 
+@pytest.mark.fleet
+def test_fleet_skip():
+    pytest.skip("no LiteLLM venv")
+
 def test_unmarked_skip():
     pytest.skip("an ordinary skip")
 
@@ -74,8 +78,9 @@ MARKED_SKIPS = {
     "test_package_skip_in_a_fixture": "dpkg-buildpackage is missing",
     "test_real_vllm_skipif": "no real vLLM cache",
     "test_s3_skip": "moto_server is missing",
+    "test_fleet_skip": "no LiteLLM venv",
 }
-COUNT_LINE = "skipped per marker: systemd 2, criu 1, polkit 1, package 1, real_vllm 1, s3 1, other 1"
+COUNT_LINE = "skipped per marker: systemd 2, criu 1, polkit 1, package 1, real_vllm 1, s3 1, fleet 1, other 1"
 
 
 def run_sample(*, user: int | None, ci: str | None) -> dict:

@@ -23,6 +23,7 @@ from aiohttp.web_urldispatcher import _default_expect_handler  # stable in 3.8 .
 from llmuxd.errors import LLMuxError, UnknownModel
 from llmuxd.http.body import MODEL_HEADER, check_declared_length, model_from, read_body
 from llmuxd.http.errors import RouteNotFound, error_response
+from llmuxd.http.fleet import model_fleet_fields, register as register_fleet
 from llmuxd.http.proxy import Upstream
 from llmuxd.metrics import NO_MODEL, WAITED_THRESHOLD_S, Metrics
 
@@ -39,7 +40,7 @@ EXTRA_MODEL_ROUTES = (
 CLIENT_CLOSED = 499
 
 #: the daemon's own routes, for the not-found message
-SERVED = "POST /v1/... (with a model), GET /v1/models, GET /health, GET /metrics"
+SERVED = "POST /v1/... (with a model), GET /v1/models, GET /health, GET /metrics, GET /llmux/v1/state"
 
 
 class FrontEnd:
@@ -81,6 +82,7 @@ class FrontEnd:
         app.router.add_get("/v1/models/{model:.+}", self.get_model)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics_page)
+        register_fleet(app, self)
         app.router.add_post("/v1/{tail:.+}", self.infer, expect_handler=self.expect)
         for path in EXTRA_MODEL_ROUTES:
             app.router.add_post(path, self.infer, expect_handler=self.expect)
@@ -187,6 +189,9 @@ class FrontEnd:
         for field in ("process_state", "group", "in_flight", "queue_depth", "last_error"):
             if ms is not None and hasattr(ms, field):
                 llmux[field] = getattr(ms, field)
+        fleet = model_fleet_fields(self, status, name)
+        if fleet is not None:
+            llmux["fleet"] = fleet
         return {
             "id": name,
             "object": "model",

@@ -39,7 +39,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, AsyncIterator, Iterable
 
 import aiohttp
 import yaml
@@ -452,6 +452,36 @@ async def send(session: aiohttp.ClientSession, base: str, r: Req, deadline: floa
     return out
 
 
+async def read_error_body(resp: aiohttp.ClientResponse, out: Outcome) -> None:
+    """Keep a non-200 answer's body (its JSON, else its first bytes) for the judge."""
+    try:
+        out.error_body = await resp.json(content_type=None)
+    except ValueError:
+        out.error_body = (await resp.read())[:300]
+
+
+async def sse_events(resp: aiohttp.ClientResponse, out: Outcome) -> AsyncIterator[dict]:
+    """The JSON events of an SSE response; `[DONE]` sets `out.done`, an error event
+    `out.stream_error` (neither is yielded). Every line read is counted in `out`
+    (`lines_read`, `last_line`: whether a cut stream ended at an event boundary)."""
+    out.body_reader = resp.content
+    async for raw in resp.content:
+        out.lines_read += len(raw)
+        out.last_line = raw
+        line = raw.strip()
+        if not line.startswith(b"data:"):
+            continue
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            out.done = True
+            continue
+        event = json.loads(data)
+        if "error" in event:
+            out.stream_error = str(event["error"])[:200]
+            continue
+        yield event
+
+
 async def _send_aiohttp(session: aiohttp.ClientSession, base: str, r: Req, out: Outcome) -> None:
     path, body = _payload(r)
     t0 = time.monotonic()
@@ -459,10 +489,7 @@ async def _send_aiohttp(session: aiohttp.ClientSession, base: str, r: Req, out: 
         out.status = resp.status
         _stamp(out, resp.headers)
         if resp.status != 200:
-            try:
-                out.error_body = await resp.json(content_type=None)
-            except ValueError:
-                out.error_body = (await resp.read())[:300]
+            await read_error_body(resp, out)
             return
         if not r.stream:
             data = await resp.json()
@@ -472,25 +499,11 @@ async def _send_aiohttp(session: aiohttp.ClientSession, base: str, r: Req, out: 
             out.finish_reason = choice.get("finish_reason")
             out.garbage = GARBAGE_MARK in _text_of(choice)
             return
-        out.body_reader = resp.content
-        async for raw in resp.content:
-            out.lines_read += len(raw)
-            out.last_line = raw
-            line = raw.strip()
+        async for event in sse_events(resp, out):
             if r.abandon_after is not None and time.monotonic() - t0 >= r.abandon_after:
                 out.abandoned = True
                 resp.close()  # hang up mid-stream
                 return
-            if not line.startswith(b"data:"):
-                continue
-            data = line[5:].strip()
-            if data == b"[DONE]":
-                out.done = True
-                continue
-            event = json.loads(data)
-            if "error" in event:
-                out.stream_error = str(event["error"])[:200]
-                continue
             if event.get("model"):
                 out.stamps.add(event["model"])
             for choice in event.get("choices") or []:
