@@ -362,7 +362,10 @@ class SystemdRuntime:
             self._job_finished(job_path, result)
         elif message.interface == MANAGER_IFACE and message.member == "UnitRemoved":
             handle = self._by_path.get(message.body[1])
-            if handle is not None:
+            # a handle not yet seen active: the removal is of the unit's previous run (the
+            # same name, stopped just before this start), and a re-read now would mix the
+            # two runs' properties; this run's start job says how it goes
+            if handle is not None and handle.seen_active:
                 # not proof that it is gone: `systemctl daemon-reload` sends
                 # UnitRemoved for every unit, running ones too (then UnitNew)
                 self._spawn(self._recheck(handle))
