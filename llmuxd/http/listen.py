@@ -151,12 +151,6 @@ class _HeaderDeadline:
             log.info("closing a connection that sent no request headers within %.0fs", self.timeout)
             transport.close()
 
-    @web.middleware
-    async def middleware(self, request: web.Request, handler: Callable) -> web.StreamResponse:
-        if self._pending:
-            self.disarm(request.transport)
-        return await handler(request)
-
 
 def _supported(callable_: Callable, name: str) -> bool:
     return name in inspect.signature(callable_).parameters
@@ -165,14 +159,24 @@ def _supported(callable_: Callable, name: str) -> bool:
 _NATIVE_HANDLER_CANCELLATION = _supported(web.Server.__init__, "handler_cancellation")
 
 
+#: the blank line that ends a request's headers ("\r\n\r\n", or "\n\n" from lenient clients)
+_END_OF_HEADERS = (b"\n\r\n", b"\n\n")
+
+
 class _GuardedProtocol(asyncio.Protocol):
     """Delegates to aiohttp's RequestHandler, adding the header deadline and
-    TCP_NODELAY (token streams are many small writes)."""
+    TCP_NODELAY (token streams are many small writes).
+
+    The deadline is disarmed here, when the bytes that end the first
+    request's headers arrive, rather than in a middleware: a middleware
+    would wrap every request's handler for a check that matters once per
+    connection."""
 
     def __init__(self, inner: asyncio.Protocol, deadline: _HeaderDeadline):
         self._inner = inner
         self._deadline = deadline
         self._transport: asyncio.BaseTransport | None = None
+        self._head_tail: bytes | None = b""  # last bytes seen before the headers ended; None once they have
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport
@@ -186,6 +190,13 @@ class _GuardedProtocol(asyncio.Protocol):
         self._deadline.arm(transport)
 
     def data_received(self, data: bytes) -> None:
+        if self._head_tail is not None:
+            seen = self._head_tail + data
+            if any(end in seen for end in _END_OF_HEADERS):
+                self._head_tail = None
+                self._deadline.disarm(self._transport)
+            else:
+                self._head_tail = seen[-2:]
         self._inner.data_received(data)
 
     def eof_received(self) -> bool | None:
@@ -247,7 +258,6 @@ class HttpServer:
         self.shutdown_timeout = shutdown_timeout
         self._runner: web.AppRunner | None = None
         self.sockets: list[socket.socket] = []
-        app.middlewares.append(self._deadline.middleware)
 
     @property
     def addresses(self) -> list[str]:

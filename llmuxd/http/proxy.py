@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from llmuxd.http.errors import UpstreamFailed, sse_error_event
 
@@ -32,13 +33,10 @@ log = logging.getLogger(__name__)
 
 #: headers that describe one connection, not the message (RFC 9110 §7.6.1),
 #: plus the ones aiohttp recomputes for the new message
-HOP_BY_HOP = frozenset(
-    h.lower()
-    for h in (
-        "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE",
-        "Trailer", "Trailers", "Transfer-Encoding", "Upgrade", "Host", "Content-Length",
-        "Expect",
-    )
+HOP_BY_HOP = (
+    "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE",
+    "Trailer", "Trailers", "Transfer-Encoding", "Upgrade", "Host", "Content-Length",
+    "Expect",
 )
 
 #: response header naming the model that answered (debugging aid)
@@ -60,6 +58,7 @@ class Upstream:
         self.read_timeout = read_timeout
         #: longest a client may leave one chunk unread before it is dropped
         self.write_timeout = write_timeout
+        self._writes = _WriteDeadline(write_timeout)
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -76,6 +75,7 @@ class Upstream:
             )
 
     async def close(self) -> None:
+        self._writes.close()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -92,9 +92,7 @@ class Upstream:
         """Send `request` (with the already-read `body`) to `endpoint` and
         relay the answer. Raises UpstreamFailed only before anything was
         sent to the client."""
-        headers = CIMultiDict(
-            (k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP
-        )
+        headers = end_to_end(request.headers)
         url = endpoint.rstrip("/") + request.raw_path
         try:
             upstream = await self.session.request(
@@ -124,27 +122,33 @@ class Upstream:
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             raise UpstreamFailed(model, _reason(exc), upstream.status) from None
 
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-        for key, value in upstream.headers.items():
-            if key.lower() not in HOP_BY_HOP:
-                response.headers.add(key, value)
-        response.headers[ANSWERED_BY_HEADER] = model
-        if upstream.content_length is not None and first is not None:
-            response.content_length = upstream.content_length
-        is_sse = upstream.content_type == "text/event-stream"
-
-        chunk = first
+        headers = end_to_end(upstream.headers)
+        headers[ANSWERED_BY_HEADER] = model
+        writes = self._writes
         try:
+            if upstream.content.at_eof():
+                # the whole answer came at once (every non-streamed completion):
+                # status line, headers and body leave in one write
+                response: web.StreamResponse = web.Response(
+                    body=first, status=upstream.status, reason=upstream.reason, headers=headers
+                )
+                await response.prepare(request)
+                await writes.write(request, response, eof=True)
+                return response
+            response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+            if upstream.content_length is not None:
+                response.content_length = upstream.content_length
             await response.prepare(request)
+            chunk = first
             while chunk:
-                async with asyncio.timeout(self.write_timeout):
-                    await response.write(chunk)
+                await writes.write(request, response, chunk)
                 try:
                     chunk = await upstream.content.readany()
                 except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                    is_sse = upstream.content_type == "text/event-stream"
                     return await self._broken_stream(request, response, model, upstream, exc, is_sse)
-            await response.write_eof()
-        except (ConnectionError, asyncio.TimeoutError, RuntimeError) as exc:
+            await writes.write(request, response, eof=True)
+        except (ConnectionError, RuntimeError) as exc:
             # the client went away, or stopped reading for write_timeout
             # (RuntimeError: aiohttp 3.8's "Cannot write to closing transport")
             log.debug("client of %s gone mid-response: %s", model, _reason(exc))
@@ -164,21 +168,81 @@ class Upstream:
         log.warning("%s", failure)
         if is_sse:
             try:
-                async with asyncio.timeout(self.write_timeout):
-                    await response.write(sse_error_event(failure))
-                    await response.write_eof()
+                await self._writes.write(request, response, sse_error_event(failure))
+                await self._writes.write(request, response, eof=True)
                 return response
-            except (ConnectionError, asyncio.TimeoutError, RuntimeError):
+            except (ConnectionError, RuntimeError):
                 pass
         _abort(request)
         return response
 
 
+def end_to_end(headers: "CIMultiDictProxy[str] | CIMultiDict[str]") -> "CIMultiDict[str]":
+    """A copy of `headers` without the hop-by-hop ones, names and order as received."""
+    copy = headers.copy()
+    for name in HOP_BY_HOP:
+        if name in copy:
+            del copy[name]
+    return copy
+
+
+class _WriteDeadline:
+    """Drops clients that leave a write pending for `timeout` seconds.
+
+    One timer for all responses, armed only while writes are pending, rather
+    than a timeout context around every write: a token stream writes
+    hundreds of chunks, each asyncio.timeout() puts a timer in the loop's
+    heap, and a write only ever waits when the client's socket is full. So a
+    write costs a dict entry, and the timer fires when the oldest pending
+    write would expire.
+    """
+
+    def __init__(self, timeout: float):
+        self.timeout = timeout
+        self._pending: dict[asyncio.BaseTransport, float] = {}  # client connection -> write started
+        self._timer: asyncio.TimerHandle | None = None
+
+    async def write(self, request: web.BaseRequest, response: web.StreamResponse, chunk: bytes = b"",
+                    eof: bool = False) -> None:
+        """response.write(chunk), or response.write_eof() when `eof`, within the deadline."""
+        transport = request.transport
+        if transport is not None:
+            self._pending[transport] = time.monotonic()
+            if self._timer is None:
+                self._timer = asyncio.get_running_loop().call_later(self.timeout, self._expire)
+        try:
+            await (response.write_eof() if eof else response.write(chunk))
+        finally:
+            self._pending.pop(transport, None)  # type: ignore[arg-type]
+
+    def _expire(self) -> None:
+        self._timer = None
+        now = time.monotonic()
+        oldest = None
+        for transport, since in list(self._pending.items()):
+            if now - since >= self.timeout:
+                del self._pending[transport]
+                log.debug("client left a write pending for %.0fs; dropping it", self.timeout)
+                _drop(transport)  # its pending write fails and its handler ends
+            elif oldest is None or since < oldest:
+                oldest = since
+        if oldest is not None:
+            self._timer = asyncio.get_running_loop().call_later(oldest + self.timeout - now, self._expire)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
 def _abort(request: web.BaseRequest) -> None:
     """Drop the client connection without finishing the message."""
-    transport = request.transport
-    if transport is not None:
-        transport.abort() if hasattr(transport, "abort") else transport.close()
+    if request.transport is not None:
+        _drop(request.transport)
+
+
+def _drop(transport: asyncio.BaseTransport) -> None:
+    transport.abort() if hasattr(transport, "abort") else transport.close()
 
 
 def _reason(exc: BaseException) -> str:
