@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -53,12 +54,13 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 NATIVE_SRC = ROOT / "benchmarks" / "native"
 CACHE = Path(os.environ.get("LLMUX_BENCH_CACHE", "/var/cache/llmux-bench"))
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+NAN = float("nan")
 
 MODEL = "bench"
 PATH = "/v1/chat/completions"
@@ -323,13 +325,13 @@ def wrk(wrk_bin: str, script: str, target: Target, conns: int, duration: int) ->
                               target.url + PATH])
     proxy_cpu = (target.cpu_ticks() - before) / CLK_TCK
     seconds = r["duration_us"] / 1e6
-    done = max(1, r["requests"])
+    done = r["requests"]  # none: a proxy too slow to answer one request within the duration
     return {
-        "rps": r["requests"] / seconds,
-        "p50_ms": r["p50_us"] / 1000,
-        "p99_ms": r["p99_us"] / 1000,
+        "rps": done / seconds,
+        "p50_ms": r["p50_us"] / 1000 if done else NAN,
+        "p99_ms": r["p99_us"] / 1000 if done else NAN,
         "errors": r["socket_errors"] + r["non2xx"],
-        "cpu_ms_per_req": proxy_cpu / done * 1000,
+        "cpu_ms_per_req": proxy_cpu / done * 1000 if done else NAN,
         "gen_core": gen_cpu / seconds,
     }
 
@@ -380,13 +382,23 @@ def measure_round(targets: list[Target], tools: dict[str, str], duration: int) -
 # -- report --------------------------------------------------------------------------
 
 
+def median(values: Iterable[float]) -> float:
+    """The median of the values that are numbers (NaN: nothing measured that round)."""
+    finite = [v for v in values if math.isfinite(v)]
+    return statistics.median(finite) if finite else NAN
+
+
+def ratio(x: float, y: float) -> float:
+    return x / y if y else NAN
+
+
 def median_of(rounds: list[dict[str, float]], key: str) -> float:
-    return statistics.median(r[key] for r in rounds)
+    return median(r[key] for r in rounds)
 
 
 def paired(results: dict[str, list[dict[str, float]]], a: str, b: str, fn: Callable[[dict, dict, dict], float]) -> float:
     """Median over rounds of fn(round of a, round of b, round of direct)."""
-    return statistics.median(fn(x, y, d) for x, y, d in zip(results[a], results[b], results["direct"]))
+    return median(fn(x, y, d) for x, y, d in zip(results[a], results[b], results["direct"]))
 
 
 def added(key: str) -> Callable[[dict, dict, dict], float]:
@@ -398,8 +410,8 @@ def summarize(results: dict[str, list[dict[str, float]]]) -> dict[str, dict[str,
     for name, rounds in results.items():
         row = {key: median_of(rounds, key) for key in rounds[0]}
         row["errors"] = sum(r["errors"] for r in rounds)
-        row["added_p50_ms"] = statistics.median(r["c1_p50_ms"] - d["c1_p50_ms"] for r, d in zip(rounds, results["direct"]))
-        row["added_p99_ms"] = statistics.median(r["c1_p99_ms"] - d["c1_p99_ms"] for r, d in zip(rounds, results["direct"]))
+        row["added_p50_ms"] = median(r["c1_p50_ms"] - d["c1_p50_ms"] for r, d in zip(rounds, results["direct"]))
+        row["added_p99_ms"] = median(r["c1_p99_ms"] - d["c1_p99_ms"] for r, d in zip(rounds, results["direct"]))
         out[name] = row
     return out
 
@@ -426,14 +438,14 @@ COMPARISONS = [
 def ratios(results: dict[str, list[dict[str, float]]], a: str, b: str) -> dict[str, float]:
     def added_ratio(x: dict, y: dict, d: dict) -> float:
         theirs = y["c1_p50_ms"] - d["c1_p50_ms"]
-        return (x["c1_p50_ms"] - d["c1_p50_ms"]) / theirs if theirs > 0 else float("nan")
+        return (x["c1_p50_ms"] - d["c1_p50_ms"]) / theirs if theirs > 0 else NAN
 
     return {
-        "rps_c32": paired(results, a, b, lambda x, y, d: x["c32_rps"] / y["c32_rps"]),
+        "rps_c32": paired(results, a, b, lambda x, y, d: ratio(x["c32_rps"], y["c32_rps"])),
         "added_p50_c1": paired(results, a, b, added_ratio),
-        "cpu_per_req_c32": paired(results, a, b, lambda x, y, d: x["c32_cpu_ms"] / y["c32_cpu_ms"]),
-        "rps_c256": paired(results, a, b, lambda x, y, d: x["c256_rps"] / y["c256_rps"]),
-        "sse_chunks_per_s": paired(results, a, b, lambda x, y, d: x["sse_chunks_per_s"] / y["sse_chunks_per_s"]),
+        "cpu_per_req_c32": paired(results, a, b, lambda x, y, d: ratio(x["c32_cpu_ms"], y["c32_cpu_ms"])),
+        "rps_c256": paired(results, a, b, lambda x, y, d: ratio(x["c256_rps"], y["c256_rps"])),
+        "sse_chunks_per_s": paired(results, a, b, lambda x, y, d: ratio(x["sse_chunks_per_s"], y["sse_chunks_per_s"])),
     }
 
 
@@ -445,12 +457,12 @@ def report(results: dict[str, list[dict[str, float]]], args: argparse.Namespace)
     print("| target | " + " | ".join(label for label, _, _ in COLUMNS) + " |")
     print("|---|" + "---|" * len(COLUMNS))
     for name, row in summary.items():
-        print(f"| {name} | " + " | ".join(fmt.format(row[key]) for _, key, fmt in COLUMNS) + " |")
+        print(f"| {name} | " + " | ".join(show(row[key], fmt) for _, key, fmt in COLUMNS) + " |")
     print("\nload generators' own CPU, in cores (1.0 = one core busy):\n")
     print("| target | " + " | ".join(label for label, _ in GENERATOR_COLUMNS) + " |")
     print("|---|" + "---|" * len(GENERATOR_COLUMNS))
     for name, row in summary.items():
-        print(f"| {name} | " + " | ".join(f"{row[key]:.2f}" for _, key in GENERATOR_COLUMNS) + " |")
+        print(f"| {name} | " + " | ".join(show(row[key], "{:.2f}") for _, key in GENERATOR_COLUMNS) + " |")
     print("\nratios (median of per-round ratios; goals: req/s >= 1.00, added latency <= 1.05, CPU/req <= 1.00):\n")
     print("| comparison | req/s c=32 | added p50 c=1 | CPU/req c=32 | req/s c=256 | SSE chunks/s |")
     print("|---|---|---|---|---|---|")
@@ -459,9 +471,15 @@ def report(results: dict[str, list[dict[str, float]]], args: argparse.Namespace)
         if a in results and b in results:
             r = ratios(results, a, b)
             compared[label] = r
-            print(f"| {label} | {r['rps_c32']:.2f}x | {r['added_p50_c1']:.2f}x | {r['cpu_per_req_c32']:.2f}x | "
-                  f"{r['rps_c256']:.2f}x | {r['sse_chunks_per_s']:.2f}x |")
+            print(f"| {label} | " + " | ".join(show(r[key], "{:.2f}x") for key in RATIO_KEYS) + " |")
     return {"summary": summary, "ratios": compared, "rounds": results}
+
+
+RATIO_KEYS = ("rps_c32", "added_p50_c1", "cpu_per_req_c32", "rps_c256", "sse_chunks_per_s")
+
+
+def show(value: float, fmt: str) -> str:
+    return fmt.format(value) if math.isfinite(value) else "–"
 
 
 def aiohttp_version() -> str:

@@ -124,7 +124,7 @@ class Upstream:
 
         headers = end_to_end(upstream.headers)
         headers[ANSWERED_BY_HEADER] = model
-        writes = self._writes
+        deadline, client = self._writes, request.transport
         try:
             if upstream.content.at_eof():
                 # the whole answer came at once (every non-streamed completion):
@@ -133,7 +133,8 @@ class Upstream:
                     body=first, status=upstream.status, reason=upstream.reason, headers=headers
                 )
                 await response.prepare(request)
-                await writes.write(request, response, eof=True)
+                deadline.start(client)
+                await response.write_eof()
                 return response
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
             if upstream.content_length is not None:
@@ -141,18 +142,23 @@ class Upstream:
             await response.prepare(request)
             chunk = first
             while chunk:
-                await writes.write(request, response, chunk)
+                deadline.start(client)
+                await response.write(chunk)
+                deadline.stop(client)
                 try:
                     chunk = await upstream.content.readany()
                 except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
                     is_sse = upstream.content_type == "text/event-stream"
                     return await self._broken_stream(request, response, model, upstream, exc, is_sse)
-            await writes.write(request, response, eof=True)
+            deadline.start(client)
+            await response.write_eof()
         except (ConnectionError, RuntimeError) as exc:
             # the client went away, or stopped reading for write_timeout
             # (RuntimeError: aiohttp 3.8's "Cannot write to closing transport")
             log.debug("client of %s gone mid-response: %s", model, _reason(exc))
             _abort(request)
+        finally:
+            deadline.stop(client)
         return response
 
     async def _broken_stream(
@@ -167,12 +173,15 @@ class Upstream:
         failure = UpstreamFailed(model, _reason(exc), upstream.status)
         log.warning("%s", failure)
         if is_sse:
+            self._writes.start(request.transport)
             try:
-                await self._writes.write(request, response, sse_error_event(failure))
-                await self._writes.write(request, response, eof=True)
+                await response.write(sse_error_event(failure))
+                await response.write_eof()
                 return response
             except (ConnectionError, RuntimeError):
                 pass
+            finally:
+                self._writes.stop(request.transport)
         _abort(request)
         return response
 
@@ -193,8 +202,8 @@ class _WriteDeadline:
     than a timeout context around every write: a token stream writes
     hundreds of chunks, each asyncio.timeout() puts a timer in the loop's
     heap, and a write only ever waits when the client's socket is full. So a
-    write costs a dict entry, and the timer fires when the oldest pending
-    write would expire.
+    write costs a dict entry (`start` before it, `stop` after it), and the
+    timer fires when the oldest pending write would expire.
     """
 
     def __init__(self, timeout: float):
@@ -202,18 +211,14 @@ class _WriteDeadline:
         self._pending: dict[asyncio.BaseTransport, float] = {}  # client connection -> write started
         self._timer: asyncio.TimerHandle | None = None
 
-    async def write(self, request: web.BaseRequest, response: web.StreamResponse, chunk: bytes = b"",
-                    eof: bool = False) -> None:
-        """response.write(chunk), or response.write_eof() when `eof`, within the deadline."""
-        transport = request.transport
+    def start(self, transport: asyncio.BaseTransport | None) -> None:
         if transport is not None:
             self._pending[transport] = time.monotonic()
             if self._timer is None:
                 self._timer = asyncio.get_running_loop().call_later(self.timeout, self._expire)
-        try:
-            await (response.write_eof() if eof else response.write(chunk))
-        finally:
-            self._pending.pop(transport, None)  # type: ignore[arg-type]
+
+    def stop(self, transport: asyncio.BaseTransport | None) -> None:
+        self._pending.pop(transport, None)  # type: ignore[arg-type]
 
     def _expire(self) -> None:
         self._timer = None
