@@ -15,8 +15,9 @@ and side by side in front of it, each in its own process:
   litellm         PyPI litellm[proxy], one worker                   [optional]
 
 The optional peers are installed on first use into venvs under
-/var/cache/llmux-bench (or $LLMUX_BENCH_CACHE); when that fails they are
-skipped with one line. wrk is installed with apt when missing (as root).
+/var/cache/llmux-bench (~/.cache/llmux-bench when not root, or
+$LLMUX_BENCH_CACHE); when that fails they are skipped with one line. wrk is
+installed with apt when missing (as root).
 
 Each round takes four measurements, each one on every target back to back
 (the order rotating from round to round), so that the figures a ratio
@@ -58,7 +59,8 @@ from typing import Any, Callable, Iterable, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 NATIVE_SRC = ROOT / "benchmarks" / "native"
-CACHE = Path(os.environ.get("LLMUX_BENCH_CACHE", "/var/cache/llmux-bench"))
+CACHE = Path(os.environ.get("LLMUX_BENCH_CACHE") or (
+    "/var/cache/llmux-bench" if os.geteuid() == 0 else os.path.expanduser("~/.cache/llmux-bench")))
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 NAN = float("nan")
 
@@ -181,7 +183,7 @@ class Target:
 
     def start(self, logdir: Path) -> None:
         self.log = open(logdir / f"{self.name}.log", "wb")
-        env = {**os.environ, "PYTHONPATH": str(ROOT), **self.env}
+        env = {**os.environ, **self.env}
         self.proc = subprocess.Popen(self.argv, env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True, cwd=str(ROOT))
 
@@ -242,6 +244,7 @@ def make_targets(args: argparse.Namespace, tools: dict[str, str], workdir: Path,
         port = free_port()
         targets.append(Target(f"bare-{loop}", port, [py, str(ROOT / "benchmarks" / "bare_proxy.py"), "--port",
                                                      str(port), "--backend", backend, "--loop", loop]))
+    this_checkout = {"PYTHONPATH": str(ROOT)}  # llmuxd from here, whatever else is installed
     for loop in ("asyncio", "uvloop"):
         port = free_port()
         config = workdir / f"llmux-{loop}.yaml"
@@ -251,7 +254,8 @@ def make_targets(args: argparse.Namespace, tools: dict[str, str], workdir: Path,
                                "port": free_port(), "extra_args": ["--chunks", str(args.chunks)]}},
         }))
         targets.append(Target(f"llmux-{loop}", port, [py, "-m", "llmuxd.daemon.main", "run", "--config",
-                                                       str(config), "--bus", "none", "--event-loop", loop]))
+                                                       str(config), "--bus", "none", "--event-loop", loop],
+                              env=this_checkout))
     if not args.no_peers:
         bindir = ensure_peer("vllm-router", PEERS["vllm-router"])
         if bindir is not None:
@@ -544,6 +548,7 @@ def main() -> int:
     data = report(results, args)
     if args.json:
         Path(args.json).write_text(json.dumps(data, indent=2))
+    shutil.rmtree(workdir, ignore_errors=True)  # kept when something failed: the logs are there
     return 0
 
 
