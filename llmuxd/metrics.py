@@ -149,16 +149,30 @@ class Metrics:
         )
         #: set by the daemon: model -> last measured effectiveness (None: not measurable)
         self.effectiveness_source: Callable[[], Mapping[str, float | None]] | None = None
+        #: labelled children of the per-request metrics, by label values (see _child)
+        self._requests_total: dict[tuple[str, ...], Any] = {}
+        self._request_duration: dict[tuple[str, ...], Any] = {}
+        self._queue_wait: dict[tuple[str, ...], Any] = {}
 
     # -- requests -----------------------------------------------------------
 
     def observe_request(self, model: str, status: int, duration: float, waited: bool = False) -> None:
-        self.requests_total.labels(model, str(status), "true" if waited else "false").inc()
+        self._child(self._requests_total, self.requests_total, model, str(status), "true" if waited else "false").inc()
         if model != NO_MODEL:
-            self.request_duration.labels(model).observe(duration)
+            self._child(self._request_duration, self.request_duration, model).observe(duration)
 
     def observe_queue_wait(self, model: str, seconds: float) -> None:
-        self.queue_wait.labels(model).observe(seconds)
+        self._child(self._queue_wait, self.queue_wait, model).observe(seconds)
+
+    @staticmethod
+    def _child(cache: dict[tuple[str, ...], Any], metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, looked up once per label set: `labels()`
+        builds a key and takes a lock on every call, and these run on every
+        request. Label values are bounded (configured models, HTTP statuses)."""
+        child = cache.get(labels)
+        if child is None:
+            child = cache[labels] = metric.labels(*labels)
+        return child
 
     # -- switcher -----------------------------------------------------------
 

@@ -92,6 +92,8 @@ class FakeBackend:
         self.first_sent = asyncio.Event()
         self.client_gone = asyncio.Event()
         self.seen_headers: dict = {}
+        self.seen_bodies: list[bytes] = []
+        self.connections: set = set()  # client (llmux) ends of the connections requests came on
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/die-before", self.die_before)
@@ -106,8 +108,10 @@ class FakeBackend:
         return str(self.server.make_url("")).rstrip("/")
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
+        self.seen_bodies.append(await request.read())
         body = await request.json()
         self.seen_headers = dict(request.headers)
+        self.connections.add(request.transport.get_extra_info("peername"))
         if not body.get("stream"):
             return web.json_response(
                 {"object": "chat.completion", "model": self.name, "echo": body},
@@ -251,6 +255,42 @@ async def test_request_body_and_query_reach_the_backend_unchanged(rig):
     )
     assert (await resp.json())["echo"] == payload
     assert rig.alpha.seen_headers["Authorization"] == "Bearer sk-test"
+
+
+async def test_body_arriving_after_its_headers_reaches_the_backend_whole(rig):
+    host, port = rig.client.base.removeprefix("http://").rsplit(":", 1)
+    body = json.dumps({"model": "alpha", "messages": [{"role": "user", "content": "x" * 1500}]}).encode()
+    for declared in (f"Content-Length: {len(body)}".encode(), b"Transfer-Encoding: chunked"):
+        if declared.startswith(b"Content-Length"):
+            parts = [body[:40], body[40:900], body[900:]]
+        else:
+            parts = [b"%x\r\n%s\r\n" % (len(p), p) for p in (body[:40], body[40:900], body[900:])] + [b"0\r\n\r\n"]
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + declared + b"\r\nConnection: close\r\n\r\n")
+        for part in parts:  # the body trickles in after the headers, in pieces
+            writer.write(part)
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        answer = await asyncio.wait_for(reader.read(), WAIT)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:100]
+        assert rig.alpha.seen_bodies[-1] == body, declared
+
+
+async def test_backend_connections_are_reused(rig):
+    """Requests share the pooled connections to a backend instead of opening one each."""
+    for _ in range(10):
+        resp = await rig.client.post("/v1/chat/completions", json={"model": "alpha"})
+        assert resp.status == 200
+        await resp.read()
+    assert len(rig.alpha.connections) == 1
+    for _ in range(3):  # bursts of 8 at once need at most 8 connections, and keep them
+        answers = await asyncio.gather(*(rig.client.post("/v1/chat/completions", json={"model": "alpha"})
+                                         for _ in range(8)))
+        assert [a.status for a in answers] == [200] * 8
+        await asyncio.gather(*(a.read() for a in answers))
+    assert len(rig.alpha.connections) <= 8
 
 
 async def test_backend_errors_pass_through_as_the_backend_wrote_them(rig):
@@ -490,24 +530,67 @@ async def test_silent_connection_is_closed_after_header_timeout(rig):
         await server.stop()
 
 
-async def test_client_that_never_reads_is_dropped_and_lease_released(rig):
+STREAM_REQUEST_BODY = b'{"model": "alpha", "stream": true}'
+STREAM_REQUEST = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(STREAM_REQUEST_BODY), STREAM_REQUEST_BODY))
+
+
+@pytest.mark.parametrize("split", [
+    STREAM_REQUEST.index(b"\r\n") + 2,  # after the request line
+    STREAM_REQUEST.index(b"\r\n\r\n") + 3,  # inside the blank line that ends the headers
+], ids=["after-request-line", "inside-blank-line"])
+async def test_header_timeout_spares_a_connection_whose_headers_arrived(rig, split):
+    """A request that is slow to answer (a stream held for longer than the
+    header timeout) keeps its connection, however its headers were split."""
+    front = FrontEnd(make_config(), rig.switcher, Metrics())
+    server = await _serve(front, "127.0.0.1:0", header_timeout=0.3)
+    try:
+        host, port = server.sockets[0].getsockname()[:2]
+        reader, writer = await asyncio.open_connection(host, port)
+        for piece in (STREAM_REQUEST[:split], STREAM_REQUEST[split:]):
+            writer.write(piece)
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        await asyncio.wait_for(rig.alpha.first_sent.wait(), WAIT)
+        await asyncio.sleep(0.6)  # twice the header timeout
+        rig.alpha.go_on.set()
+        answer = await asyncio.wait_for(reader.read(), WAIT)
+        writer.close()
+        assert b'"n": 2' in answer and b"data: [DONE]" in answer
+    finally:
+        await server.stop()
+
+
+async def _open_firehose_and_stop_reading(host: str, port: int) -> asyncio.StreamWriter:
+    reader, writer = await asyncio.open_connection(host, port, limit=1024)
+    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    body = b'{"model": "alpha"}'
+    writer.write(b"POST /v1/firehose HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    await writer.drain()
+    writer.transport.pause_reading()  # a client that stops reading
+    return writer
+
+
+@pytest.mark.parametrize("clients", [1, 3])
+async def test_client_that_never_reads_is_dropped_and_lease_released(rig, clients):
     front = FrontEnd(make_config(), rig.switcher, Metrics(),
                      upstream=Upstream(read_timeout=30, write_timeout=0.2))
     server = await _serve(front, "127.0.0.1:0")
     try:
         host, port = server.sockets[0].getsockname()[:2]
-        reader, writer = await asyncio.open_connection(host, port, limit=1024)
-        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        body = b'{"model": "alpha"}'
-        writer.write(b"POST /v1/firehose HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-        await writer.drain()
-        transport = writer.transport
-        transport.pause_reading()  # a client that stops reading
-        await asyncio.wait_for(rig.switcher.released.wait(), WAIT)
+        writers = []
+        for _ in range(clients):  # staggered: each stalls at its own time
+            writers.append(await _open_firehose_and_stop_reading(host, port))
+            await asyncio.sleep(0.07)
+        for _ in range(WAIT * 10):
+            if rig.switcher.leases_out() == 0 and len(rig.switcher.acquired) == clients:
+                break
+            await asyncio.sleep(0.1)
         assert rig.switcher.leases_out() == 0
         await asyncio.wait_for(rig.alpha.client_gone.wait(), WAIT)
-        writer.close()
+        for writer in writers:
+            writer.close()
     finally:
         await server.stop()
 

@@ -14,11 +14,12 @@ Subcommands are imported only when chosen, so `llmuxd --help` and
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib
 import logging
 import sys
 from typing import Any, Callable, List, Optional
+
+from llmuxd.daemon import eventloop
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", default=None,
                         help="config file for system mode (default /etc/llmux/llmux.yaml)")
     _add_log_level(parser)
+    eventloop.add_option(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     run = sub.add_parser(
@@ -56,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "failing if there is none; none = no D-Bus; auto (default) = the session bus "
                           "when DBUS_SESSION_BUS_ADDRESS is set and reachable, else none")
     _add_log_level(run)
+    eventloop.add_option(run)
 
     sub.add_parser("check-config", add_help=False,
                    help="validate a config and print the effective result (see check-config --help)")
@@ -113,8 +116,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from llmuxd.daemon.embedded import run_embedded
 
     try:
-        return asyncio.run(run_embedded(config, listen=args.listen, config_path=args.config,
-                                        dropin_dir=args.dropin_dir, bus=args.bus))
+        return eventloop.run(run_embedded(config, listen=args.listen, config_path=args.config,
+                                          dropin_dir=args.dropin_dir, bus=args.bus), args.event_loop)
     except KeyboardInterrupt:  # a second Ctrl-C while stopping
         return 130
 
@@ -146,7 +149,7 @@ def cmd_system(args: argparse.Namespace, argv: List[str]) -> int:
     if entry is not None:
         return int(entry(argv) or 0)
     setup_logging(args.log_level)
-    return int(asyncio.run(system.run_system(args)) or 0)
+    return eventloop.run(system.run_system(args), args.event_loop)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -27,7 +27,7 @@ import signal
 from typing import Any, Callable
 
 from llmuxd.config import ConfigError, load_config
-from llmuxd.daemon import journal
+from llmuxd.daemon import eventloop, journal
 from llmuxd.daemon.journal import log_event
 from llmuxd.daemon.notify import Notifier, format_status
 from llmuxd.daemon.state import DaemonState, StateStore
@@ -452,10 +452,11 @@ def main(args: Any = None) -> int:
         parser = argparse.ArgumentParser(prog="llmuxd", description="llmux daemon, system mode")
         parser.add_argument("--config", default=DEFAULT_CONFIG, help="main config file (default %(default)s)")
         parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+        eventloop.add_option(parser)
         args = parser.parse_args(args)
     level = getattr(logging, str(getattr(args, "log_level", "info") or "info").upper(), logging.INFO)
     journal.setup_logging(level)
-    return asyncio.run(run_system(args))
+    return eventloop.run(run_system(args), getattr(args, "event_loop", None) or eventloop.default_choice())
 
 
 if __name__ == "__main__":

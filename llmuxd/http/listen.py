@@ -184,12 +184,6 @@ class _HeaderDeadline:
             log.info("closing a connection that sent no request headers within %.0fs", self.timeout)
             transport.close()
 
-    @web.middleware
-    async def middleware(self, request: web.Request, handler: Callable) -> web.StreamResponse:
-        if self._pending:
-            self.disarm(request.transport)
-        return await handler(request)
-
 
 def _supported(callable_: Callable, name: str) -> bool:
     return name in inspect.signature(callable_).parameters
@@ -214,14 +208,24 @@ class _InFlight:
             self.count -= 1
 
 
+#: the blank line that ends a request's headers ("\r\n\r\n", or "\n\n" from lenient clients)
+_END_OF_HEADERS = (b"\n\r\n", b"\n\n")
+
+
 class _GuardedProtocol(asyncio.Protocol):
     """Delegates to aiohttp's RequestHandler, adding the header deadline and
-    TCP_NODELAY (token streams are many small writes)."""
+    TCP_NODELAY (token streams are many small writes).
+
+    The deadline is disarmed here, when the bytes that end the first
+    request's headers arrive, rather than in a middleware: a middleware
+    would wrap every request's handler for a check that matters once per
+    connection."""
 
     def __init__(self, inner: asyncio.Protocol, deadline: _HeaderDeadline):
         self._inner = inner
         self._deadline = deadline
         self._transport: asyncio.BaseTransport | None = None
+        self._head_tail: bytes | None = b""  # last bytes seen before the headers ended; None once they have
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport
@@ -235,6 +239,13 @@ class _GuardedProtocol(asyncio.Protocol):
         self._deadline.arm(transport)
 
     def data_received(self, data: bytes) -> None:
+        if self._head_tail is not None:
+            seen = self._head_tail + data
+            if any(end in seen for end in _END_OF_HEADERS):
+                self._head_tail = None
+                self._deadline.disarm(self._transport)
+            else:
+                self._head_tail = seen[-2:]
         self._inner.data_received(data)
 
     def eof_received(self) -> bool | None:
@@ -305,7 +316,6 @@ class HttpServer:
         self._draining = False
         self.sockets: list[socket.socket] = []
         app.middlewares.insert(0, self._in_flight.middleware)
-        app.middlewares.append(self._deadline.middleware)
         app.on_response_prepare.append(self._on_response_prepare)
 
     @property

@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from llmuxd.http.errors import StreamEnded, UpstreamFailed, sse_error_event
 
@@ -34,13 +35,10 @@ log = logging.getLogger(__name__)
 
 #: headers that describe one connection, not the message (RFC 9110 §7.6.1),
 #: plus the ones aiohttp recomputes for the new message
-HOP_BY_HOP = frozenset(
-    h.lower()
-    for h in (
-        "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE",
-        "Trailer", "Trailers", "Transfer-Encoding", "Upgrade", "Host", "Content-Length",
-        "Expect",
-    )
+HOP_BY_HOP = (
+    "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE",
+    "Trailer", "Trailers", "Transfer-Encoding", "Upgrade", "Host", "Content-Length",
+    "Expect",
 )
 
 #: response header naming the model that answered (debugging aid)
@@ -64,6 +62,7 @@ class Upstream:
         self.read_timeout = read_timeout
         #: longest a client may leave one chunk unread before it is dropped
         self.write_timeout = write_timeout
+        self._writes = _WriteDeadline(write_timeout)
         self._session: aiohttp.ClientSession | None = None
         self._ending = False
 
@@ -86,6 +85,7 @@ class Upstream:
             )
 
     async def close(self) -> None:
+        self._writes.close()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -102,9 +102,7 @@ class Upstream:
         """Send `request` (with the already-read `body`) to `endpoint` and
         relay the answer. Raises UpstreamFailed only before anything was
         sent to the client."""
-        headers = CIMultiDict(
-            (k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP
-        )
+        headers = end_to_end(request.headers)
         url = endpoint.rstrip("/") + request.raw_path
         try:
             upstream = await self.session.request(
@@ -134,39 +132,51 @@ class Upstream:
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             raise UpstreamFailed(model, _reason(exc), upstream.status) from None
 
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-        for key, value in upstream.headers.items():
-            if key.lower() not in HOP_BY_HOP:
-                response.headers.add(key, value)
-        response.headers[ANSWERED_BY_HEADER] = model
-        if upstream.content_length is not None and first is not None:
-            response.content_length = upstream.content_length
-        is_sse = upstream.content_type == "text/event-stream"
-
-        chunk = first
-        tail = b""  # the last bytes sent of an SSE stream: is it after a whole event?
+        headers = end_to_end(upstream.headers)
+        headers[ANSWERED_BY_HEADER] = model
+        deadline, client = self._writes, request.transport
         try:
+            if upstream.content.at_eof():
+                # the whole answer came at once (every non-streamed completion):
+                # status line, headers and body leave in one write
+                response: web.StreamResponse = web.Response(
+                    body=first, status=upstream.status, reason=upstream.reason, headers=headers
+                )
+                await response.prepare(request)
+                deadline.start(client)
+                await response.write_eof()
+                return response
+            response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+            if upstream.content_length is not None:
+                response.content_length = upstream.content_length
             await response.prepare(request)
+            is_sse = upstream.content_type == "text/event-stream"
+            tail = b""  # the last bytes sent of an SSE stream: is it after a whole event?
+            chunk = first
             while chunk:
-                async with asyncio.timeout(self.write_timeout):
-                    await response.write(chunk)
+                deadline.start(client)
+                await response.write(chunk)
+                deadline.stop(client)
                 if is_sse:
                     tail = (tail + chunk)[-4:]
                     if self._ending and tail.endswith(EVENT_ENDS):
-                        async with asyncio.timeout(self.write_timeout):
-                            await response.write(sse_error_event(StreamEnded(model)))
-                            await response.write_eof()
+                        deadline.start(client)
+                        await response.write(sse_error_event(StreamEnded(model)))
+                        await response.write_eof()
                         return response
                 try:
                     chunk = await upstream.content.readany()
                 except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
                     return await self._broken_stream(request, response, model, upstream, exc, is_sse)
+            deadline.start(client)
             await response.write_eof()
-        except (ConnectionError, asyncio.TimeoutError, RuntimeError) as exc:
+        except (ConnectionError, RuntimeError) as exc:
             # the client went away, or stopped reading for write_timeout
             # (RuntimeError: aiohttp 3.8's "Cannot write to closing transport")
             log.debug("client of %s gone mid-response: %s", model, _reason(exc))
             _abort(request)
+        finally:
+            deadline.stop(client)
         return response
 
     async def _broken_stream(
@@ -181,22 +191,81 @@ class Upstream:
         failure = UpstreamFailed(model, _reason(exc), upstream.status)
         log.warning("%s", failure)
         if is_sse:
+            self._writes.start(request.transport)
             try:
-                async with asyncio.timeout(self.write_timeout):
-                    await response.write(sse_error_event(failure))
-                    await response.write_eof()
+                await response.write(sse_error_event(failure))
+                await response.write_eof()
                 return response
-            except (ConnectionError, asyncio.TimeoutError, RuntimeError):
+            except (ConnectionError, RuntimeError):
                 pass
+            finally:
+                self._writes.stop(request.transport)
         _abort(request)
         return response
 
 
+def end_to_end(headers: "CIMultiDictProxy[str] | CIMultiDict[str]") -> "CIMultiDict[str]":
+    """A copy of `headers` without the hop-by-hop ones, names and order as received."""
+    copy = headers.copy()
+    for name in HOP_BY_HOP:
+        if name in copy:
+            del copy[name]
+    return copy
+
+
+class _WriteDeadline:
+    """Drops clients that leave a write pending for `timeout` seconds.
+
+    One timer for all responses, armed only while writes are pending, rather
+    than a timeout context around every write: a token stream writes
+    hundreds of chunks, each asyncio.timeout() puts a timer in the loop's
+    heap, and a write only ever waits when the client's socket is full. So a
+    write costs a dict entry (`start` before it, `stop` after it), and the
+    timer fires when the oldest pending write would expire.
+    """
+
+    def __init__(self, timeout: float):
+        self.timeout = timeout
+        self._pending: dict[asyncio.BaseTransport, float] = {}  # client connection -> write started
+        self._timer: asyncio.TimerHandle | None = None
+
+    def start(self, transport: asyncio.BaseTransport | None) -> None:
+        if transport is not None:
+            self._pending[transport] = time.monotonic()
+            if self._timer is None:
+                self._timer = asyncio.get_running_loop().call_later(self.timeout, self._expire)
+
+    def stop(self, transport: asyncio.BaseTransport | None) -> None:
+        self._pending.pop(transport, None)  # type: ignore[arg-type]
+
+    def _expire(self) -> None:
+        self._timer = None
+        now = time.monotonic()
+        oldest = None
+        for transport, since in list(self._pending.items()):
+            if now - since >= self.timeout:
+                del self._pending[transport]
+                log.debug("client left a write pending for %.0fs; dropping it", self.timeout)
+                _drop(transport)  # its pending write fails and its handler ends
+            elif oldest is None or since < oldest:
+                oldest = since
+        if oldest is not None:
+            self._timer = asyncio.get_running_loop().call_later(oldest + self.timeout - now, self._expire)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
 def _abort(request: web.BaseRequest) -> None:
     """Drop the client connection without finishing the message."""
-    transport = request.transport
-    if transport is not None:
-        transport.abort() if hasattr(transport, "abort") else transport.close()
+    if request.transport is not None:
+        _drop(request.transport)
+
+
+def _drop(transport: asyncio.BaseTransport) -> None:
+    transport.abort() if hasattr(transport, "abort") else transport.close()
 
 
 def _reason(exc: BaseException) -> str:
