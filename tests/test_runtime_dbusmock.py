@@ -74,7 +74,7 @@ SPEC = LaunchSpec(
     model="llama-3.1:8b",
     argv=("/usr/bin/env", "echo", "cost=$5"),
     env={"VLLM_SERVER_DEV_MODE": "1", "CUDA_VISIBLE_DEVICES": "0,1", "PRICE": "$HOME"},
-    working_directory="/var/lib/llmux",
+    working_directory="/",  # one every user can enter (an unreachable one is dropped: test_service_backend_user)
     user="llmux",
     group="llmux",
     gpus=(0, 1),
@@ -106,7 +106,7 @@ async def test_start_transient_unit_sends_exactly_these_properties(runtime, mock
         "CollectMode": ("s", "inactive-or-failed"),
         "User": ("s", "llmux"),
         "Group": ("s", "llmux"),
-        "WorkingDirectory": ("s", "/var/lib/llmux"),
+        "WorkingDirectory": ("s", "/"),
         "DevicePolicy": ("s", "closed"),
         # nvidiactl, nvidia-modeset, the model's two GPUs (no driver table here: minor = index),
         # then the dynamic majors of nvidia-uvm(-tools) and the MIG capability nodes
