@@ -249,7 +249,11 @@ def base_config(svc: ServiceBed) -> str:
 
 
 def boot_from_tree() -> ServiceBed:
-    """Units from systemd/, daemon and simulator from this checkout's venv."""
+    """Units from systemd/, daemon and simulator from this checkout's venv (in a
+    fixture: skips with the reason where the test systemd cannot boot)."""
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
     bed = TestSystemd.boot()
     try:
         venv_bin = Path(sys.executable).parent
@@ -279,9 +283,6 @@ def boot_from_tree() -> ServiceBed:
 
 @pytest.fixture(scope="module")
 def svc():
-    reason = unavailable_reason()
-    if reason:
-        pytest.skip(reason)
     service = boot_from_tree()
     try:
         yield service

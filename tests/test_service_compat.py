@@ -18,7 +18,6 @@ import pytest
 import yaml
 
 from sysd.helpers import free_port, http
-from sysd.testbed import unavailable_reason
 from test_service import BUS_NAME, MANAGER, boot_from_tree, wait_for
 from test_service_bus import busctl, get_property, llmuxctl
 
@@ -29,9 +28,6 @@ PINNED = "io.llmux.LLMux1.Error.ModelPinned"
 
 @pytest.fixture(scope="module")
 def compat_svc():
-    reason = unavailable_reason()
-    if reason:
-        pytest.skip(reason)
     svc = boot_from_tree()
     try:
         config = svc.host_path(svc.config_file)

@@ -16,7 +16,6 @@ import os
 import pytest
 import yaml
 
-from sysd.testbed import unavailable_reason
 from test_service import ServiceBed, base_config, boot_from_tree, wait_for
 
 pytestmark = [pytest.mark.systemd, pytest.mark.criu, pytest.mark.slow]
@@ -28,9 +27,6 @@ CK, OTHER = "ck", "other"
 
 @pytest.fixture(scope="module")
 def svc(tmp_path_factory):
-    reason = unavailable_reason()
-    if reason:
-        pytest.skip(reason)
     if not os.path.exists(CRIU):
         pytest.skip(f"{CRIU} is not installed (scripts/install-test-deps builds CRIU 4.2; or set LLMUX_TEST_CRIU)")
     service = boot_from_tree()

@@ -15,7 +15,6 @@ import json
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import aiohttp

@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from harness import (
-    Daemon, SimModel, backend_children, daemon_env, http, metric_sum, pid_alive,
+    Daemon, SimModel, backend_children, http, metric_sum, pid_alive,
     start_daemon, stop_and_check, write_config,
 )
 
