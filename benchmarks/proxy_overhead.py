@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -244,18 +245,19 @@ def make_targets(args: argparse.Namespace, tools: dict[str, str], workdir: Path,
         port = free_port()
         targets.append(Target(f"bare-{loop}", port, [py, str(ROOT / "benchmarks" / "bare_proxy.py"), "--port",
                                                      str(port), "--backend", backend, "--loop", loop]))
-    this_checkout = {"PYTHONPATH": str(ROOT)}  # llmuxd from here, whatever else is installed
-    for loop in ("asyncio", "uvloop"):
+    checkouts = [("llmux", ROOT)] + ([("base", Path(args.baseline).resolve())] if args.baseline else [])
+    for (prefix, checkout), loop in itertools.product(checkouts, ("asyncio", "uvloop")):
         port = free_port()
-        config = workdir / f"llmux-{loop}.yaml"
+        config = workdir / f"{prefix}-{loop}.yaml"
         config.write_text(json.dumps({
             "listen": f"127.0.0.1:{port}",
             "models": {MODEL: {"model_path": "/bench", "command": [tools["fixed_backend"]],
                                "port": free_port(), "extra_args": ["--chunks", str(args.chunks)]}},
         }))
-        targets.append(Target(f"llmux-{loop}", port, [py, "-m", "llmuxd.daemon.main", "run", "--config",
-                                                       str(config), "--bus", "none", "--event-loop", loop],
-                              env=this_checkout))
+        # llmuxd from that checkout, whatever else is installed
+        targets.append(Target(f"{prefix}-{loop}", port, [py, "-m", "llmuxd.daemon.main", "run", "--config",
+                                                          str(config), "--bus", "none", "--event-loop", loop],
+                              env={"PYTHONPATH": str(checkout)}))
     if not args.no_peers:
         bindir = ensure_peer("vllm-router", PEERS["vllm-router"])
         if bindir is not None:
@@ -436,6 +438,8 @@ COMPARISONS = [
     ("llmux / bare proxy, uvloop", "llmux-uvloop", "bare-uvloop"),
     ("llmux (uvloop) / vllm-router (far target)", "llmux-uvloop", "vllm-router"),
     ("llmux (uvloop) / litellm", "llmux-uvloop", "litellm"),
+    ("this checkout / --baseline, asyncio loop", "llmux-asyncio", "base-asyncio"),
+    ("this checkout / --baseline, uvloop", "llmux-uvloop", "base-uvloop"),
 ]
 
 
@@ -507,6 +511,9 @@ def main() -> int:
     parser.add_argument("--no-peers", action="store_true", help="leave out vllm-router and litellm")
     parser.add_argument("--quick", action="store_true", help="one round of 1 s measurements")
     parser.add_argument("--json", metavar="FILE", help="also write every round's numbers as JSON")
+    parser.add_argument("--baseline", metavar="DIR",
+                        help="also measure llmuxd from another checkout (base-asyncio, base-uvloop), "
+                             "e.g. one made with `git worktree add DIR HEAD~1`, to see what a change costs")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.duration = 1, 1

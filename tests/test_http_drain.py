@@ -42,9 +42,9 @@ def listening_socket() -> socket.socket:
     return sock
 
 
-async def serve(backend: FakeBackend, sock: socket.socket) -> HttpServer:
+async def serve(backend: FakeBackend, sock: socket.socket, drain: float = DRAIN) -> HttpServer:
     front = FrontEnd(make_config(), FakeSwitcher({"alpha": backend.url, "beta": backend.url}), Metrics())
-    server = HttpServer(front.make_app(), sockets=[sock], shutdown_timeout=DRAIN)
+    server = HttpServer(front.make_app(), sockets=[sock], shutdown_timeout=drain)
     await server.start()
     return server
 
@@ -91,6 +91,29 @@ def refused(host: str, port: int) -> bool:
     except ConnectionRefusedError:
         return True
     return False
+
+
+async def test_a_stream_in_progress_is_served_to_its_end(backend):
+    """The drain waits for a request inside its handler (its headers long
+    read, so only the in-flight count keeps the server busy)."""
+    server = await serve(backend, listening_socket(), drain=WAIT)
+    host, port = server.sockets[0].getsockname()
+    try:
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(raw_request({**REQUEST, "stream": True}))
+        await asyncio.wait_for(backend.first_sent.wait(), WAIT)
+        stopping = asyncio.ensure_future(server.stop())
+        await wait_until(lambda: refused(host, port), "the server stopped accepting")
+        await asyncio.sleep(3 * DRAIN)  # a drain that ignored the stream would have ended it by now
+        assert not stopping.done(), "the drain ended while a stream was in progress"
+        backend.go_on.set()
+        raw = await asyncio.wait_for(reader.read(), WAIT)
+        writer.close()
+        await asyncio.wait_for(stopping, WAIT)
+    finally:
+        await server.stop()
+    body = _dechunk(raw.partition(b"\r\n\r\n")[2])
+    assert body.endswith(b"data: [DONE]\n\n") and b'"n": 2' in body, body
 
 
 async def test_a_stream_longer_than_the_drain_ends_after_a_whole_event(backend):

@@ -33,7 +33,7 @@ import os
 import socket
 import stat
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
@@ -193,19 +193,27 @@ _NATIVE_HANDLER_CANCELLATION = _supported(web.Server.__init__, "handler_cancella
 
 
 class _InFlight:
-    """Counts requests inside handlers, for the drain (the outermost middleware,
-    so a request counts from routing until its handler returned)."""
+    """Counts requests inside handlers, for the drain: from routing until the
+    handler returned.
+
+    It wraps the low-level server's request handler rather than being an
+    app middleware: with no middleware at all aiohttp calls the route's
+    handler directly, while a single one makes it build a middleware chain
+    and enter a context manager around every request (about 3 % of the CPU
+    a request costs here, measured with py-spy under wrk)."""
 
     def __init__(self) -> None:
         self.count = 0
 
-    @web.middleware
-    async def middleware(self, request: web.Request, handler: Callable) -> web.StreamResponse:
-        self.count += 1
-        try:
-            return await handler(request)
-        finally:
-            self.count -= 1
+    def wrap(self, handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+             ) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
+        async def counted(request: web.BaseRequest) -> web.StreamResponse:
+            self.count += 1
+            try:
+                return await handler(request)
+            finally:
+                self.count -= 1
+        return counted
 
 
 #: the blank line that ends a request's headers ("\r\n\r\n", or "\n\n" from lenient clients)
@@ -315,7 +323,6 @@ class HttpServer:
         self._in_flight = _InFlight()
         self._draining = False
         self.sockets: list[socket.socket] = []
-        app.middlewares.insert(0, self._in_flight.middleware)
         app.on_response_prepare.append(self._on_response_prepare)
 
     @property
@@ -337,6 +344,10 @@ class HttpServer:
             site_kw["shutdown_timeout"] = END_GRACE
         self._runner = web.AppRunner(self.app, **runner_kw)
         await self._runner.setup()
+        server = self._runner.server
+        assert server is not None
+        # read by each connection's RequestHandler when it is made, so set before any site starts
+        server.request_handler = self._in_flight.wrap(server.request_handler)
         if self._given is not None:
             self.sockets = list(self._given)
         else:
