@@ -4,9 +4,10 @@
 
 Uploads one image set (one file of --mib MiB plus small files) to a local
 moto_server and downloads it into a fresh directory, each in a fresh process,
-and prints MiB/s and the peak RSS growth of that process: streaming keeps the
-growth near part_size x concurrency, not the image size. (moto keeps objects
-in its own memory; only the client is measured.)
+and prints MiB/s, the client's CPU time as a share of the wall time (well
+under 100 % means the server, not llmux's client, sets the pace) and the peak
+RSS growth of that process: streaming keeps the growth independent of the
+image size. (moto keeps objects in its own memory; only the client is measured.)
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ config = Config.from_dict({"checkpoint": {"images_dir": str(images), "object_sto
 objstore = ObjectStore(config.checkpoint.object_store, settings=TransferSettings(progress_interval=1e9),
                        report=lambda e: None)
 catalogue = ImageCatalogue(images)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+usage = resource.getrusage(resource.RUSAGE_SELF)
+before, cpu_before = usage.ru_maxrss, usage.ru_utime + usage.ru_stime
 start = time.monotonic()
 if mode == "upload":
     m = catalogue.load("bench")
@@ -44,8 +46,9 @@ else:
         catalogue.install("bench", d)
     asyncio.run(get())
 took = time.monotonic() - start
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"seconds": took, "rss_growth_mib": (after - before) / 1024}))
+usage = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"seconds": took, "rss_growth_mib": (usage.ru_maxrss - before) / 1024,
+                  "cpu_seconds": usage.ru_utime + usage.ru_stime - cpu_before}))
 """
 
 
@@ -76,6 +79,7 @@ def main() -> None:
                                      capture_output=True, text=True, check=True).stdout
                 result = json.loads(out)
                 print(f"{mode:8s} {args.mib} MiB: {args.mib / result['seconds']:7.1f} MiB/s, "
+                      f"client CPU {result['cpu_seconds'] / result['seconds']:.0%} of the wall time, "
                       f"client peak RSS growth {result['rss_growth_mib']:.0f} MiB")
         finally:
             server.stop()
