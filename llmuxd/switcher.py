@@ -41,6 +41,7 @@ from llmuxd.events import ModelStateChanged, SwitchEvent
 from llmuxd.lifecycle import BackendDetail, Backends, BackendState
 from llmuxd.policies import NOW, Decision, Policy, PolicyContext, SwitchCosts, make_policy
 from llmuxd.policies.base import AwakeModel, TickContext, WaitingModel
+from llmuxd.priority import DEFAULT_PRIORITY, Priority
 from llmuxd.switching.control import Controls
 from llmuxd.switching.errors import InvalidMode, ShuttingDown  # noqa: F401 - re-exported
 from llmuxd.switching.phases import SwitchPhases
@@ -160,20 +161,29 @@ class Switcher(Controls, SwitchPhases):
 
     # ------------------------------------------------------------------ requests
 
-    async def acquire(self, model: str, timeout: Optional[float] = None) -> Lease:
+    async def acquire(
+        self, model: str, timeout: Optional[float] = None, *, priority: Priority = DEFAULT_PRIORITY
+    ) -> Lease:
         """A lease on `model` once it is awake and not draining.
 
-        Raises UnknownModel, ModelPinned (manual mode), QueueFull, SwitchTimeout
+        `priority` (from the request's API key) orders the waiters in every
+        policy: interactive ones count before batch ones. Raises UnknownModel, ModelPinned (manual mode), QueueFull, SwitchTimeout
         (no lease within `timeout`, default policy.request_timeout) or
         SwitchFailed (its wake failed)."""
         m = self._models.get(model)
         if m is not None and m.state is ModelState.ACTIVE:  # fast path: no await, no allocation but the lease
             m.in_flight += 1
+            if priority is not Priority.INTERACTIVE:
+                priority = Priority(priority)  # a plain "batch" from a caller; a bad value raises
+                if priority is Priority.BATCH:
+                    m.batch_in_flight += 1
             m.last_used = self._clock()
-            return Lease(self._release, m, self._backends.endpoint(model))
-        return await self._acquire_slow(model, m, timeout)
+            return Lease(self._release, m, self._backends.endpoint(model), priority)
+        return await self._acquire_slow(model, m, timeout, priority)
 
-    async def _acquire_slow(self, model: str, m: Optional[ModelRuntime], timeout: Optional[float]) -> Lease:
+    async def _acquire_slow(
+        self, model: str, m: Optional[ModelRuntime], timeout: Optional[float], priority: Priority
+    ) -> Lease:
         if m is None or m.removed:
             raise UnknownModel(model, self._known())
         if self._closed:
@@ -190,7 +200,7 @@ class Switcher(Controls, SwitchPhases):
         if not self._started:
             self._ensure_tasks()
         loop = asyncio.get_running_loop()
-        waiter = Waiter(m, self._clock(), loop.create_future())
+        waiter = Waiter(m, self._clock(), loop.create_future(), priority=Priority(priority))
         m.queue[waiter] = None
         if math.isfinite(timeout):
             waiter.timer = loop.call_later(timeout, self._expire, waiter)
@@ -201,11 +211,14 @@ class Switcher(Controls, SwitchPhases):
             self._abandon(waiter)
             raise
 
-    def _release(self, m: ModelRuntime) -> None:
+    def _release(self, m: ModelRuntime, priority: Priority) -> None:
         m.in_flight -= 1
+        if priority is Priority.BATCH and m.batch_in_flight > 0:
+            m.batch_in_flight -= 1
         m.last_used = self._clock()
         if m.in_flight <= 0:
             m.in_flight = 0
+            m.batch_in_flight = 0
             fut = m.drain_future
             if fut is not None and not fut.done():
                 fut.set_result(None)
@@ -242,8 +255,10 @@ class Switcher(Controls, SwitchPhases):
             if waiter.future.done():
                 continue
             m.in_flight += 1
+            if waiter.priority is Priority.BATCH:
+                m.batch_in_flight += 1
             m.last_used = now
-            waiter.future.set_result(Lease(self._release, m, endpoint))
+            waiter.future.set_result(Lease(self._release, m, endpoint, waiter.priority))
 
     def _fail_all(self, m: ModelRuntime, make_error: Callable[[], BaseException]) -> None:
         for waiter in list(m.queue):

@@ -15,6 +15,7 @@ from typing import Callable, Deque, Dict, List, Optional, Tuple
 from llmuxd.events import SwitchEvent
 from llmuxd.eviction import Eviction
 from llmuxd.lifecycle import BackendDetail, BackendState
+from llmuxd.priority import DEFAULT_PRIORITY, Priority
 
 DEFAULT_GROUP = "default"
 Listener = Callable[[SwitchEvent], None]
@@ -50,6 +51,8 @@ class Waiter:
     enqueued_at: float
     future: "asyncio.Future[Lease]"
     timer: Optional[asyncio.TimerHandle] = None
+    #: interactive waiters count before batch ones in every policy (llmuxd/policies/priority.py)
+    priority: Priority = DEFAULT_PRIORITY
 
 
 @dataclass(eq=False)
@@ -61,6 +64,8 @@ class ModelRuntime:
     #: waiters in arrival order (a dict: O(1) removal when one times out)
     queue: Dict[Waiter, None] = field(default_factory=dict)
     in_flight: int = 0
+    #: the batch leases among `in_flight` (the rest are interactive)
+    batch_in_flight: int = 0
     activated_at: Optional[float] = None
     last_used: float = 0.0
     last_error: Optional[str] = None
@@ -83,6 +88,19 @@ class ModelRuntime:
     def oldest_enqueued(self) -> Optional[float]:
         for waiter in self.queue:
             return waiter.enqueued_at
+        return None
+
+    @property
+    def interactive_in_flight(self) -> int:
+        return self.in_flight - self.batch_in_flight
+
+    def interactive_waiting(self) -> int:
+        return sum(1 for w in self.queue if w.priority is not Priority.BATCH)
+
+    def oldest_interactive_enqueued(self) -> Optional[float]:
+        for waiter in self.queue:
+            if waiter.priority is not Priority.BATCH:
+                return waiter.enqueued_at
         return None
 
 
@@ -124,11 +142,19 @@ class Lease:
     twice is harmless. Works as `with` and `async with`.
     """
 
-    __slots__ = ("model", "endpoint", "_runtime", "_on_release", "_released")
+    __slots__ = ("model", "endpoint", "priority", "_runtime", "_on_release", "_released")
 
-    def __init__(self, on_release: Callable[[ModelRuntime], None], runtime: ModelRuntime, endpoint: str):
+    def __init__(
+        self,
+        on_release: Callable[[ModelRuntime, Priority], None],
+        runtime: ModelRuntime,
+        endpoint: str,
+        priority: Priority = DEFAULT_PRIORITY,
+    ):
         self.model = runtime.name
         self.endpoint = endpoint
+        #: so the switcher knows which in-flight requests are interactive
+        self.priority = priority
         self._runtime = runtime
         self._on_release = on_release  # the switcher's bookkeeping (in-flight, drain)
         self._released = False
@@ -141,7 +167,7 @@ class Lease:
         if self._released:
             return
         self._released = True
-        self._on_release(self._runtime)
+        self._on_release(self._runtime, self.priority)
 
     def __enter__(self) -> "Lease":
         return self
