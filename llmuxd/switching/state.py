@@ -18,6 +18,7 @@ from llmuxd.lifecycle import BackendDetail, BackendState
 from llmuxd.priority import DEFAULT_PRIORITY, Priority
 
 DEFAULT_GROUP = "default"
+_ABSENT = object()
 Listener = Callable[[SwitchEvent], None]
 
 
@@ -66,6 +67,8 @@ class ModelRuntime:
     in_flight: int = 0
     #: the batch leases among `in_flight` (the rest are interactive)
     batch_in_flight: int = 0
+    #: the batch waiters in `queue`; kept by enqueue()/dequeue(), use them
+    batch_waiting: int = 0
     activated_at: Optional[float] = None
     last_used: float = 0.0
     last_error: Optional[str] = None
@@ -90,18 +93,22 @@ class ModelRuntime:
             return waiter.enqueued_at
         return None
 
+    def enqueue(self, waiter: Waiter) -> None:
+        self.queue[waiter] = None
+        if waiter.priority is Priority.BATCH:
+            self.batch_waiting += 1
+
+    def dequeue(self, waiter: Waiter) -> bool:
+        """Take `waiter` out of the queue; False if it was not in it."""
+        if self.queue.pop(waiter, _ABSENT) is _ABSENT:
+            return False
+        if waiter.priority is Priority.BATCH and self.batch_waiting > 0:
+            self.batch_waiting -= 1
+        return True
+
     @property
-    def interactive_in_flight(self) -> int:
-        return self.in_flight - self.batch_in_flight
-
     def interactive_waiting(self) -> int:
-        return sum(1 for w in self.queue if w.priority is not Priority.BATCH)
-
-    def oldest_interactive_enqueued(self) -> Optional[float]:
-        for waiter in self.queue:
-            if waiter.priority is not Priority.BATCH:
-                return waiter.enqueued_at
-        return None
+        return max(0, len(self.queue) - self.batch_waiting)
 
 
 @dataclass(eq=False)
