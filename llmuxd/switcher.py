@@ -67,6 +67,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+#: module constants: the fast path compares by identity without an enum attribute lookup
+_INTERACTIVE = Priority.INTERACTIVE
+_BATCH = Priority.BATCH
 
 class Switcher(Controls, SwitchPhases):
     """State machine over the models of one config; see the module docstring."""
@@ -172,9 +175,9 @@ class Switcher(Controls, SwitchPhases):
         SwitchFailed (its wake failed)."""
         m = self._models.get(model)
         if m is not None and m.state is ModelState.ACTIVE:  # fast path: no await, no allocation but the lease
-            if priority is not Priority.INTERACTIVE:
+            if priority is not _INTERACTIVE:
                 priority = Priority(priority)  # a plain "batch" from a caller; a bad value raises
-                m.batch_in_flight += priority is Priority.BATCH
+                m.batch_in_flight += priority is _BATCH
             m.in_flight += 1
             m.last_used = self._clock()
             return Lease(self._release, m, self._backends.endpoint(model), priority)
@@ -212,7 +215,7 @@ class Switcher(Controls, SwitchPhases):
 
     def _release(self, m: ModelRuntime, priority: Priority) -> None:
         m.in_flight -= 1
-        if priority is Priority.BATCH and m.batch_in_flight > 0:
+        if priority is _BATCH and m.batch_in_flight > 0:
             m.batch_in_flight -= 1
         m.last_used = self._clock()
         if m.in_flight <= 0:
@@ -221,7 +224,8 @@ class Switcher(Controls, SwitchPhases):
             fut = m.drain_future
             if fut is not None and not fut.done():
                 fut.set_result(None)
-            self._on_idle(m)
+            if self._policy.tick_interval is not None:
+                self._on_idle(m)
 
     def _expire(self, waiter: Waiter) -> None:
         """Deadline timer: the waiter leaves the queue now, so it is never served late."""
