@@ -96,6 +96,8 @@ class PolicyConfig(StrictModel):
     coalesce_window: Duration = 2.0
     #: 0: switch as soon as a request waits (llmux 0.7: "0.0 = always switch immediately")
     amortization_factor: NonNegativeNumber = 0.5
+    #: staleness bound: a request that waited this long wins (cost_aware, time_slice), and
+    #: batch requests stop yielding to interactive ones (every policy, fifo included)
     max_wait: Duration = 15.0
     #: 0: as often as the scheduler can (every 10 ms)
     tick_interval: Duration = 0.5
