@@ -169,10 +169,12 @@ class Switcher(Controls, SwitchPhases):
     ) -> Lease:
         """A lease on `model` once it is awake and not draining.
 
-        `priority` (from the request's API key) orders the waiters in every
-        policy: interactive ones count before batch ones. Raises UnknownModel, ModelPinned (manual mode), QueueFull, SwitchTimeout
-        (no lease within `timeout`, default policy.request_timeout) or
-        SwitchFailed (its wake failed)."""
+        `priority` (from the request's API key; a plain "batch" is accepted)
+        orders the waiters in every policy: interactive ones count before batch
+        ones (llmuxd/policies/priority.py). Raises UnknownModel, ModelPinned
+        (manual mode), QueueFull, SwitchTimeout (no lease within `timeout`,
+        default policy.request_timeout), SwitchFailed (its wake failed) or
+        ValueError (not a priority)."""
         m = self._models.get(model)
         if m is not None and m.state is ModelState.ACTIVE:  # fast path: no await, no allocation but the lease
             if priority is not _INTERACTIVE:
@@ -259,7 +261,7 @@ class Switcher(Controls, SwitchPhases):
             if waiter.future.done():
                 continue
             m.in_flight += 1
-            if waiter.priority is Priority.BATCH:
+            if waiter.priority is _BATCH:
                 m.batch_in_flight += 1
             m.last_used = now
             waiter.future.set_result(Lease(self._release, m, endpoint, waiter.priority))
@@ -329,7 +331,8 @@ class Switcher(Controls, SwitchPhases):
         self._on_demand(m, deferred=True)  # fresh numbers: an empty queue switches nothing
 
     def _reevaluate(self, g: GroupRuntime) -> None:
-        """After a switch or a change of mode: decide again for everyone waiting, oldest first."""
+        """After a switch or a change of mode: decide again for everyone waiting, stale
+        first, then those with interactive waiters, then oldest first (demand_rank)."""
         waiting = [m for m in self._models.values() if m.group == g.name and m.queue]
         waiting = reevaluation_order(waiting, self._clock(), self._config.policy.max_wait)
         for m in waiting:
