@@ -8,16 +8,23 @@ tests/real_vllm/test_llamacpp.py; the simulator stands in for a server with a pl
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
 from aiohttp import web
 
+from llmuxd.config import Config
+
 from llmuxd.engine.errors import BackendHTTPError, BackendTimeout
 from llmuxd.engine.openai import EngineTimeouts, OpenAIClient
 from llmuxd.errors import NotSupported
-from llmuxd.eviction import WeightStrategy
+from llmuxd.eviction import Eviction, WeightStrategy
+from llmuxd.lifecycle import BackendState
+from llmuxd.orchestrator import ModelPhase, Orchestrator
+from llmuxd.runtime.subprocess import SubprocessRuntime
 from sim_fixtures import sim_cache, sim_factory  # noqa: F401
+from sysd.helpers import PYTHON, ahttp, completion, free_port
 
 LOADING = {"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}}
 MODELS = {"object": "list", "data": [{"id": "smol", "object": "model"}]}
@@ -114,3 +121,37 @@ async def test_a_server_with_plain_health_is_ready(sim_factory):  # noqa: F811
     async with OpenAIClient(sim.base_url, timeouts=FAST) as client:
         await client.wait_healthy(time.monotonic() + 60)
         assert await client.probe("plain", "The capital of France is", 4)
+
+
+# ------------------------------------------------------- through the orchestrator (embedded)
+
+SIM_AS_OPENAI = [PYTHON, "-m", "llmuxd.sim.server", "serve", "${MODEL_PATH}", "--host", "${HOST}",
+                 "--port", "${PORT}", "--served-model-name", "${MODEL_ID}"]
+
+
+async def test_orchestrator_runs_an_openai_server_as_written_and_evicts_it_by_process():
+    """The simulator started as an `engine: openai` command: its placeholders filled in, a
+    freeze and thaw keep its answer and never call /sleep; an offload asked of it directly
+    (past the switcher's check) is refused and the model stopped, as any failed sleep."""
+    config = Config.from_dict({"user": "root", "models": {"o": {
+        "engine": "openai", "model_path": "/models/o", "command": SIM_AS_OPENAI, "port": free_port(),
+        "eviction": "retain+freeze", "startup_timeout": 120, "env": {"LLMUX_SIM_TOKENS_PER_S": "0"}}}})
+    runtime = SubprocessRuntime()
+    await runtime.connect()
+    orch = Orchestrator(config, runtime, stop_timeout=10)
+    try:
+        await orch.ensure_awake("o")
+        before = await asyncio.to_thread(completion, orch.endpoint("o"), "o", "What is 2+2?")
+        await orch.sleep("o", Eviction.parse("retain+freeze"))
+        assert orch.status("o").phase is ModelPhase.FROZEN
+        await orch.ensure_awake("o")
+        assert await asyncio.to_thread(completion, orch.endpoint("o"), "o", "What is 2+2?") == before
+        status, state = await ahttp("GET", f"{orch.endpoint('o')}/sim/state")
+        assert status == 200 and state["calls"], state
+        assert not [c for c in state["calls"] if "sleep" in str(c) or "wake" in str(c)], state["calls"]
+        with pytest.raises(NotSupported, match="cannot offload its weights"):
+            await orch.sleep("o", Eviction.parse("offload+keep_running"))
+        assert orch.state("o") is BackendState.STOPPED
+    finally:
+        await orch.close()
+        await runtime.close()
