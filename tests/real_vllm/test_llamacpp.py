@@ -8,6 +8,7 @@ endpoints, so its evictions are process-level:
 
     llama       retain+freeze   SIGSTOP of its process while vLLM answers, SIGCONT back
     llama-stop  retain+stop     the server ends, the next request cold-starts it
+    llama-cut   retain+stop     started without --interrupt_requests False (its default)
     chat        offload+keep_running (vLLM's own /sleep)
 
 Answers are compared at temperature 0 before and after each eviction. CRIU of the same
@@ -16,6 +17,8 @@ order on one daemon, like test_real_vllm.py's.
 """
 
 from __future__ import annotations
+
+import threading
 
 import pytest
 
@@ -38,13 +41,16 @@ def llama_entry(cache: llamacpp.LlamaCppCache, port: int, eviction: str) -> dict
 def daemon(real_vllm_cache, tmp_path_factory):
     if _CACHE is None:
         pytest.skip(_WHY)
-    ports = [realvllm.free_port() for _ in range(3)]
+    ports = [realvllm.free_port() for _ in range(4)]
+    interrupting = dict(llama_entry(_CACHE, ports[3], "retain+stop"))
+    interrupting["command"] = [a for a in _CACHE.command if a not in ("--interrupt_requests", "False")]
     config = {
         "policy": {"min_active": 0, "request_timeout": 400, "drain_timeout": 120},
         "models": {
             "llama": llama_entry(_CACHE, ports[0], "retain+freeze"),
             "llama-stop": llama_entry(_CACHE, ports[1], "retain+stop"),
             "chat": model_entry(real_vllm_cache, "chat", ports[2], "offload+keep_running"),
+            "llama-cut": interrupting,
         },
     }
     d = Daemon(tmp_path_factory.mktemp("llmuxd-llamacpp"), config)
@@ -109,3 +115,50 @@ def test_a_model_name_llmux_does_not_know_never_reaches_llama_cpp(daemon):
                                  {"model": "gpt-4o", "prompt": PROMPT, "max_tokens": 4})
     assert status == 404, body
     assert b"model_not_found" in body or b"does not exist" in body, body
+
+
+COUNTING = "1, 2, 3, 4, 5, 6,"
+
+
+def two_streams(daemon: Daemon, model: str) -> list[tuple[str, str | None]]:
+    """Two streamed completions of one model through llmux, the second sent once the first
+    has its first chunk: (text, finish_reason) of each."""
+    results: list = [None, None]
+    started = threading.Event()
+
+    def stream(i: int) -> None:
+        text, finish = [], None
+        try:
+            for chunk in daemon.client().completions.create(model=model, prompt=COUNTING, max_tokens=120,
+                                                            temperature=0, stream=True):
+                started.set()
+                text.append(chunk.choices[0].text)
+                finish = chunk.choices[0].finish_reason or finish
+        finally:
+            started.set()
+            results[i] = ("".join(text), finish)
+
+    first = threading.Thread(target=stream, args=(0,))
+    first.start()
+    assert started.wait(400)
+    second = threading.Thread(target=stream, args=(1,))
+    second.start()
+    first.join(400)
+    second.join(400)
+    return results
+
+
+def test_concurrent_streams_both_finish_with_interrupt_requests_off(daemon):
+    """llama-cpp-python serves one request at a time; with --interrupt_requests False the
+    second waits in the server, so neither client loses its answer."""
+    (one, why_one), (two, why_two) = two_streams(daemon, "llama")
+    assert why_one and why_two, (why_one, why_two)
+    assert one == two and len(one) > 20
+
+
+def test_by_default_llama_cpp_python_cuts_the_running_stream(daemon):
+    """The negative control of the test above, and the reason docs/other-servers.md asks for
+    --interrupt_requests False (or max_concurrency 1): the first stream ends unfinished."""
+    (one, why_one), (two, why_two) = two_streams(daemon, "llama-cut")
+    assert why_two and len(two) > 20
+    assert why_one is None and len(one) < len(two), (one, why_one)
