@@ -84,3 +84,15 @@ def test_llama_cpp_is_checkpointed_by_a_switch_and_restored_with_the_same_answer
     assert svc.prop(unit, "Type") == "forking", log[-3000:]  # `criu restore -d`, not a cold start
     assert svc.unit_pid(LLAMA) == pid  # CRIU gives the process back its pid
     assert f"model {LLAMA}: restored from" in log
+
+
+def test_a_daemon_restart_adopts_the_running_llama_cpp(svc):
+    """llama.cpp has no /is_sleeping: an adopted backend that answers is awake, and the same
+    process keeps serving after llmuxd restarts."""
+    answer(svc, LLAMA)
+    pid = svc.unit_pid(LLAMA)
+    daemon_pid = svc.prop("llmuxd.service", "MainPID")
+    assert svc.systemctl("restart", "llmuxd.service").returncode == 0
+    assert svc.prop("llmuxd.service", "MainPID") != daemon_pid
+    assert answer(svc, LLAMA).strip()
+    assert svc.unit_pid(LLAMA) == pid, "the adopted llama.cpp was started again"
