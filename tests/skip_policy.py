@@ -1,7 +1,7 @@
 """No silent skips: a pytest plugin (its hooks are imported by tests/conftest.py).
 
 As an ordinary user the integration tests skip, each with its reason (they
-need root to boot the test systemd, CRIU, polkitd, the .deb, real vLLM). As
+need root to boot the test systemd, CRIU, polkitd, the .deb, real vLLM, llama.cpp). As
 root, and whenever `CI` is set, the machine is meant to have all of that, so
 a skip of a test marked with one of `STRICT_MARKERS` is turned into a
 failure that keeps the reason: a green run then really ran them.
@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 #: markers whose tests may not skip as root or under CI
-STRICT_MARKERS = ("systemd", "criu", "polkit", "package", "real_vllm", "s3", "fleet")
+STRICT_MARKERS = ("systemd", "criu", "polkit", "package", "real_vllm", "s3", "fleet", "llamacpp")
 OTHER = "other"
 _COUNTS = pytest.StashKey[dict]()
 
