@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from test_service import BUS_NAME, ServiceBed, wait_for
-from test_service_criu import CRIU, answer, boot_with_criu, sim_env
+from test_service_criu import answer, boot_with_criu, sim_env
 
 pytestmark = [pytest.mark.systemd, pytest.mark.criu, pytest.mark.s3, pytest.mark.slow]
 
