@@ -363,6 +363,10 @@ class Outcome:
     lines_read: int = 0
     last_line: bytes = b""
     body_reader: Any = field(default=None, repr=False)
+    #: a stream's first event: when it arrived (time.monotonic()), and an
+    #: asyncio.Event send() sets then (or when it ends without one)
+    first_event_at: float | None = None
+    on_first_event: Any = field(default=None, repr=False)
 
     @property
     def ended_at_event_boundary(self) -> bool:
@@ -435,9 +439,11 @@ def _stamp(out: Outcome, headers: Any) -> None:
         out.stamps.add(headers[SIM_MODEL_HEADER])
 
 
-async def send(session: aiohttp.ClientSession, base: str, r: Req, deadline: float) -> Outcome:
-    """Send one request and follow it to its end (or to `deadline` seconds)."""
-    out = Outcome(r)
+async def send(session: aiohttp.ClientSession, base: str, r: Req, deadline: float,
+               streaming: asyncio.Event | None = None) -> Outcome:
+    """Send one request and follow it to its end (or to `deadline` seconds).
+    `streaming` is set once a stream's first event arrived (or it ended without one)."""
+    out = Outcome(r, on_first_event=streaming)
     t0 = out.started = time.monotonic()
     try:
         if r.client == "openai":
@@ -451,6 +457,9 @@ async def send(session: aiohttp.ClientSession, base: str, r: Req, deadline: floa
             out.stream_error = f"{type(exc).__name__}: {exc}"
             if out.status is None:
                 out.lost = True  # the connection broke before any answer
+    finally:
+        if streaming is not None:
+            streaming.set()  # nobody waits for a first event that will not come
     out.elapsed = time.monotonic() - t0
     return out
 
@@ -479,6 +488,10 @@ async def sse_events(resp: aiohttp.ClientResponse, out: Outcome) -> AsyncIterato
             out.done = True
             continue
         event = json.loads(data)
+        if out.first_event_at is None:
+            out.first_event_at = time.monotonic()
+            if out.on_first_event is not None:
+                out.on_first_event.set()
         if "error" in event:
             out.stream_error = str(event["error"])[:200]
             continue
