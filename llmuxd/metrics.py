@@ -35,6 +35,9 @@ REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 #: queue waits and switches: sub-second wakes to cold starts of large models
 SWITCH_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
 
+#: response body sizes: small JSON answers to long generations
+BODY_SIZE_BUCKETS = (100, 1_000, 10_000, 100_000, 1_000_000, 10_000_000)
+
 #: label value for requests that never resolved to a configured model (400, 404):
 #: user input must not become a label value (unbounded cardinality)
 NO_MODEL = ""
@@ -147,6 +150,7 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self._init_http_07(r)
         #: set by the daemon: model -> last measured effectiveness (None: not measurable)
         self.effectiveness_source: Callable[[], Mapping[str, float | None]] | None = None
         #: labelled children of the per-request metrics, by label values (see _child)
@@ -173,6 +177,35 @@ class Metrics:
         if child is None:
             child = cache[labels] = metric.labels(*labels)
         return child
+
+    # -- HTTP (llmux 0.7's onwards layer: every route, by method, endpoint and status)
+
+    def _init_http_07(self, r: CollectorRegistry) -> None:
+        self.http_requests = Counter(
+            "llmux_http_requests_total", "HTTP requests answered, by method, endpoint and status (llmux 0.7)",
+            ["method", "endpoint", "status"], registry=r)
+        self.http_duration = Histogram(
+            "llmux_http_requests_duration_seconds", "Time to answer an HTTP request, to the last byte (llmux 0.7)",
+            ["method", "endpoint", "status"], buckets=REQUEST_BUCKETS, registry=r)
+        self.http_pending = Gauge(
+            "llmux_http_requests_pending", "HTTP requests being answered now (llmux 0.7)",
+            ["method", "endpoint"], registry=r)
+        self.http_body_size = Histogram(
+            "llmux_http_response_body_size", "Bytes of HTTP response bodies (llmux 0.7)",
+            ["method", "endpoint"], buckets=BODY_SIZE_BUCKETS, registry=r)
+        self._http_caches: tuple[dict[tuple[str, ...], Any], ...] = ({}, {}, {}, {})
+
+    def http_started(self, method: str, endpoint: str) -> None:
+        """A request came in (`endpoint`: the route, never a client's made-up path)."""
+        self._child(self._http_caches[0], self.http_pending, method, endpoint).inc()
+
+    def http_finished(self, method: str, endpoint: str, status: int, seconds: float, body_bytes: int) -> None:
+        pending, total, duration, size = self._http_caches
+        self._child(pending, self.http_pending, method, endpoint).dec()
+        code = str(status)
+        self._child(total, self.http_requests, method, endpoint, code).inc()
+        self._child(duration, self.http_duration, method, endpoint, code).observe(seconds)
+        self._child(size, self.http_body_size, method, endpoint).observe(body_bytes)
 
     # -- switcher -----------------------------------------------------------
 
