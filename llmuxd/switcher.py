@@ -175,8 +175,9 @@ class Switcher(Controls, SwitchPhases):
         (no lease within `timeout`, default policy.request_timeout) or
         SwitchFailed (its wake failed)."""
         m = self._models.get(model)
-        if m is not None and m.state is ModelState.ACTIVE and (m.max_concurrency is None or concurrency.has_room_now(m)):
-            # fast path: no await, no allocation but the lease
+        if m is not None and m.state is ModelState.ACTIVE and (
+            m.max_concurrency is None or concurrency.has_room_now(m)
+        ):  # fast path: no await, no allocation but the lease
             m.in_flight += 1
             m.last_used = self._clock()
             return Lease(self._release, m, self._backends.endpoint(model))

@@ -45,7 +45,8 @@ def _check_aliases(config: Config, issues: Issues) -> None:
                                 f"remove it from the aliases of model '{name}' or rename one of the two models")
             elif alias in owners and owners[alias] != name:
                 other = owners[alias]
-                issues.add(loc, f"{alias!r} is also an alias of model '{other}' ({issues.file_for(('models', other))}); "
+                where = issues.file_for(("models", other))
+                issues.add(loc, f"{alias!r} is also an alias of model '{other}' ({where}); "
                                 f"give it to one of '{other}' and '{name}' only")
             elif alias in seen:
                 issues.add(loc, f"{alias!r} is listed twice; list it once")
