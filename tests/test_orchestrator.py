@@ -138,7 +138,8 @@ async def test_sleep_wake_cycle_answers_the_same(make, eviction):
     await orch.ensure_awake(model)
     assert orch.state(model) is BackendState.READY
     assert await answer(orch, model) == before
-    if eviction.weights is WeightStrategy.DISCARD:
+    if eviction.weights is WeightStrategy.DISCARD and eviction.process is not ProcessStrategy.STOP:
+        # (discard+stop, llmux 0.7's pair, stops the process without the weight step: a cold start)
         rpc = [call.get("method") if isinstance(call, dict) else call for call in (await sim_state(orch, model))["collective_rpc"]]
         assert "reload_weights" in str(rpc)
 
