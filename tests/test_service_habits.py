@@ -30,7 +30,7 @@ def habits_svc():
         svc.config_listen = f"127.0.0.1:{free_port()}"  # not llmux.socket's address
         data.update(listen=svc.config_listen, preload=["alpha"])
         config.write_text(yaml.safe_dump(data))
-        svc.write_model("alpha", idle_timeout=3)
+        svc.write_model("alpha", idle_timeout=8)
         svc.write_model("beta")
         svc.enable_now()
         yield svc
@@ -73,8 +73,11 @@ def test_an_idle_model_is_put_to_sleep_and_the_journal_says_so(habits_svc):
     svc = habits_svc
     code, _ = svc.request("alpha")
     assert code == 200
+    left = wait_for(lambda: status(svc)["models"]["alpha"].get("idle_left_usec"), "GetStatus counting down")
+    assert 0 < left <= 8_000_000
     wait_for(lambda: status(svc)["models"]["alpha"]["state"] == "asleep", "alpha asleep after idle_timeout")
+    assert "idle_left_usec" not in status(svc)["models"]["alpha"]  # asleep: nothing to count down
     assert status(svc)["preload"]["alpha"] == "asleep"
     journal = wait_for(lambda: svc.journal("LLMUX_EVENT=model_idle", "LLMUX_MODEL=alpha"), "the idle journal line")
-    assert "model alpha idle for" in journal and "(idle_timeout 3s): putting it to sleep with offload+keep_running" \
+    assert "model alpha idle for" in journal and "(idle_timeout 8s): putting it to sleep with offload+keep_running" \
         in journal, journal

@@ -95,3 +95,17 @@ async def test_two_concurrent_checkpoints_of_one_model(opened):
     assert "being checkpointed already" in str(busy)
     unsupported = next(r for r in results if isinstance(r, NotSupported))
     assert "needs llmuxd under systemd: a CRIU-restored backend is no child of llmuxd" in str(unsupported)
+
+
+@pytest.mark.parametrize("configured,used,why", [
+    ("offload+keep_running", "discard+checkpoint", "m: no --eviction: using 'discard+checkpoint', llmux 0.7's default"),
+    ("discard+checkpoint", "discard+checkpoint", "m: no --eviction: using 'discard+checkpoint', llmux 0.7's default"),
+    ("offload+checkpoint", "offload+checkpoint",
+     "m: no --eviction: using the model's own 'offload+checkpoint' (llmux 0.7 used 'discard+checkpoint'; "
+     "the image must match how the model sleeps)"),
+])
+def test_checkpoint_without_eviction_says_what_it_uses_and_why(configured, used, why):
+    from llmuxd.daemon.tools import default_checkpoint_eviction
+
+    eviction, line = default_checkpoint_eviction("m", Eviction.parse(configured))
+    assert (str(eviction), line) == (used, why)
