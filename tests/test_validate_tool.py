@@ -49,7 +49,7 @@ def test_validate_prints_its_table_and_fails_on_an_unsupported_eviction(tmp_path
     assert rows["offload+keep_running"].split()[3:6] == ["4000", "500", "4000"]
     assert rows["retain+stop"].split()[3:6] == ["4000", "0", "4000"]
     assert rows["discard+checkpoint"].split()[-1] == "FAIL"
-    assert any("checkpoint needs system mode" in line for line in lines), result.stdout
+    assert any("needs llmuxd under systemd: a CRIU-restored backend is no child of llmuxd" in line for line in lines), result.stdout
     assert lines[-1] == "3 passed, 1 failed"
     assert result.returncode == 1, result.stderr
 
@@ -94,4 +94,4 @@ async def test_two_concurrent_checkpoints_of_one_model(opened):
     busy = next(r for r in results if isinstance(r, CheckpointBusy))
     assert "being checkpointed already" in str(busy)
     unsupported = next(r for r in results if isinstance(r, NotSupported))
-    assert "checkpoint needs system mode" in str(unsupported)
+    assert "needs llmuxd under systemd: a CRIU-restored backend is no child of llmuxd" in str(unsupported)

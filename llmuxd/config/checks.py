@@ -7,7 +7,7 @@ from typing import Any, Dict, Tuple
 
 from llmuxd.config.issues import Issues
 from llmuxd.config.schema import Config
-from llmuxd.eviction import EvictionError, ProcessStrategy, WeightStrategy
+from llmuxd.eviction import ProcessStrategy, WeightStrategy
 
 
 _MANAGED_FLAGS = {"--port": "port", "--host": "host", "--enable-sleep-mode": "sleep_mode", "--model": "model_path"}
@@ -42,10 +42,6 @@ def check_semantics(config: Config, issues: Issues) -> None:
             used_by = f" (the eviction of model '{name}', which sets none)"
         else:
             eviction_loc, used_by = loc + ("eviction",), ""
-        try:
-            model.eviction.check_allowed(shared_budget=shared)
-        except EvictionError as exc:
-            issues.add(eviction_loc, f"{exc}{used_by}")
         if config.checkpoint is None:
             if model.eviction.process is ProcessStrategy.CHECKPOINT:
                 issues.add(eviction_loc, f"'{model.eviction}'{used_by} needs a top-level 'checkpoint:' section; add 'checkpoint: {{}}' for the defaults or choose another process strategy")

@@ -29,6 +29,7 @@ def check_config(
     stdout: Optional[TextIO] = None,
     stderr: Optional[TextIO] = None,
     strict: bool = False,
+    unit_root: str = "/",
 ) -> int:
     """Load `path` (default /etc/llmux/llmux.yaml) and its drop-ins; 0 if valid,
     else 1 (also for warnings when `strict`)."""
@@ -45,6 +46,9 @@ def check_config(
                 print(f"warning: {warning}", file=err)
         print(f"{len(problems)} problem(s); nothing was changed", file=err)
         return 1
+    socket_warning = _socket_warning(config, unit_root)
+    if socket_warning is not None:
+        config.warnings.append(socket_warning)
     if strict and config.warnings:
         for line in config.warnings:
             print(line, file=err)
@@ -59,6 +63,18 @@ def check_config(
         out.write(f"#   {source}\n")
     out.write(yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=False))
     return 0
+
+
+def _socket_warning(config: object, unit_root: str) -> Optional[str]:
+    """`FILE: listen: ...` when llmux.socket is installed and serves another address."""
+    from llmuxd.daemon.socket_unit import listen_not_served, served_elsewhere, socket_unit_streams
+
+    streams = socket_unit_streams(unit_root)
+    listen = getattr(config, "listen", "")
+    if not streams or not served_elsewhere(listen, streams):
+        return None
+    source = (getattr(config, "sources", None) or ["?"])[0]
+    return f"{source}: listen: {listen_not_served(listen, streams)}"
 
 
 def main(argv: Optional[List[str]] = None) -> int:
