@@ -308,8 +308,9 @@ def simulate(profile: SimProfile, routing: str, *, service: float, switch_cost: 
     """One routing over one profile on the virtual clock. Every request's outcome is
     recorded: `lost` counts arrivals that ended with no answer at all, `misrouted`
     answers served under a lease for another model or by a backend that was not awake
-    with the requested model. `fault="misroute"` is the negative control: one host
-    hands out leases for the wrong model, which must be counted."""
+    with the requested model. `fault` makes the negative controls: "misroute" (one
+    host hands out leases for the wrong model) and "drop" (one host never answers)
+    must be counted."""
     names = [f"m{i:03d}" for i in range(profile.models)]
     arrivals = arrivals_for(profile, names, service, duration, seed)
     config = make_config(names, policy={"request_timeout": 1e9, "drain_timeout": 1e9, "queue_limit": 100000})
@@ -361,6 +362,8 @@ def simulate(profile: SimProfile, routing: str, *, service: float, switch_cost: 
         async def request(i: int, arrival: float, model: str) -> None:
             await asyncio.sleep(arrival - loop.time())
             base = route(model)
+            if fault == "drop" and base == bases[0]:
+                return  # the negative control of `lost`: no answer at all
             in_flight[base] += 1
             window[base].append(loop.time())
             try:

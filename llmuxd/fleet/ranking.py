@@ -7,10 +7,7 @@ ships. The rule, in order:
 1. Hosts where the model is **awake**: all of them are returned, and the router's
    own strategy (LiteLLM's shuffle, least-busy, ...) balances between them. A
    switch costs seconds; spreading one model's load over hosts that already
-   serve it costs nothing. When it is **saturated** on every one of them
-   (requests queue for it although it is awake: its `max_concurrency` is
-   reached), the best host below is added, so a hot model grows onto one more
-   host per poll interval instead of queueing where it is.
+   serve it costs nothing.
 2. Otherwise exactly one host, the best by: the model is already **starting**
    there (or this router just sent it there to be started: a *claim*, which
    bridges the gap until the host's next signal shows it); then a host that can
@@ -72,12 +69,6 @@ def spread_hash(model: str, host: str) -> int:
     return int.from_bytes(digest, "big")
 
 
-def saturated(option: Option) -> bool:
-    """Awake, yet requests queue for it there: the host serves all of it that it can."""
-    ms = option.model_signal
-    return ms is not None and ms.state == AWAKE and ms.queue_depth > 0
-
-
 def rank(option: Option) -> Tuple[int, int, int, int, float, int, int]:
     """Sort key for a host where the model is not awake (smaller is better)."""
     ms = option.model_signal
@@ -98,9 +89,6 @@ def preferred(options: Sequence[Option]) -> List[Option]:
     candidates = [o for o in options if usable(o)]
     awake = [o for o in candidates if o.model_signal is not None and o.model_signal.state == AWAKE]
     if awake:
-        spare = [o for o in candidates if o not in awake]
-        if spare and all(saturated(o) for o in awake):
-            return awake + [min(spare, key=rank)]
         return awake
     if not candidates:
         return []

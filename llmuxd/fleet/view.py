@@ -24,7 +24,7 @@ from typing import Callable, Deque, Dict, FrozenSet, Hashable, List, Optional, S
 
 import aiohttp
 
-from llmuxd.fleet.ranking import Option, preferred, saturated
+from llmuxd.fleet.ranking import Option, preferred
 from llmuxd.fleet.signal import AWAKE, STARTING, STATE_PATH, HostSignal, SignalError, state_url
 
 log = logging.getLogger("llmux.fleet")
@@ -157,15 +157,13 @@ class FleetView:
             self._note(entries[0][2])  # one request, whatever the number of its deployments
         options = [Option(key, host_key(base), model, self.signal(base), self.claims(base))
                    for key, base, model in entries]
-        if not any(o.model_signal is not None and o.model_signal.state == AWAKE and not saturated(o)
-                   for o in options):
+        if not any(o.model_signal is not None and o.model_signal.state == AWAKE for o in options):
             # a placement is about to be made: weigh what already lives on each host
             pressure = self._pressures(entries[0][2], [o.host for o in options]) if entries else {}
             options = [replace(o, pressure=pressure.get(o.host, 0)) for o in options]
         best = preferred(options)
-        for o in best:
-            if o.model_signal is not None and o.model_signal.state != AWAKE:
-                self.claim(o.host, o.model)
+        if len(best) == 1 and best[0].model_signal is not None and best[0].model_signal.state != AWAKE:
+            self.claim(best[0].host, best[0].model)
         return [o.key for o in best]
 
     # -- polling -------------------------------------------------------------------
