@@ -11,12 +11,14 @@ Two parts, each a side-by-side comparison in one run:
    model's demand well within one host) goes through each, in alternating rounds so that
    drifting machine load hits both. Switches and GPU time come from the hosts' own
    /metrics; latency is the client's.
-2. **Simulated** (seconds, no processes): 16, 32 and 64 hosts on a virtual clock, each the
-   **real `Switcher`** on `tests/fakes.FakeBackends` with a fixed switch cost, the signal
-   built by the daemon's own `host_signal` from each switcher's status, and the router either
-   random (LiteLLM's simple-shuffle) or llmux's `FleetView` + ranking (the code the hook
-   runs), polling every second of virtual time. Profiles: as many models as hosts (each
-   model's demand fits one host) and twice as many (two models' demand per host).
+2. **Simulated** (no processes): 16 and 32 hosts on a virtual clock, each the **real
+   `Switcher`** on `tests/fakes.FakeBackends` with a fixed switch cost, the signal built by
+   the daemon's own `host_signal` from each switcher's status. Routings (SIM_ROUTINGS):
+   LiteLLM's simple-shuffle, least-busy and usage-based strategies, an operator's static
+   assignment that knows the popularity, and llmux's `FleetView` + ranking (the code the
+   hook runs) in front of shuffle or least-busy, reading signals at most a second old.
+   Workloads (WORKLOADS): uniform (N or 2N models on N hosts), Zipf-skewed over 2N models
+   (a hot model needs more than one host), and Zipf whose popularity shifts at half time.
 
 Reported per routing: switches per 1,000 requests (every wake of a model, cold starts
 included), latency p50/p99 (arrival to last byte), GPU-serving % (llmux 0.7's definition:
@@ -453,7 +455,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS, help="sim: workloads")
     p.add_argument("--routings", nargs="+", default=list(SIM_ROUTINGS), choices=SIM_ROUTINGS,
                    help="sim: routings (default: all)")
-    p.add_argument("--duration", type=float, default=150.0, help="sim: seconds of arrivals (default 150)")
+    p.add_argument("--duration", type=float, default=600.0, help="sim: seconds of arrivals (default 600)")
     p.add_argument("--service", type=float, default=0.5, help="sim: seconds per request (default 0.5)")
     p.add_argument("--switch-cost", type=float, default=5.0, help="sim: seconds per wake from sleep (default 5)")
     p.add_argument("--start-cost", type=float, default=20.0, help="sim: seconds per cold start (default 20)")
