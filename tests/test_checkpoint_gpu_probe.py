@@ -12,15 +12,19 @@ from types import SimpleNamespace
 import pytest
 
 from llmuxd.checkpoint.gpu_probe import (
+    COULD_NOT_SEE,
     AutoProbe,
     LedgerProbe,
+    Measurement,
     NullProbe,
     NvidiaSmiProbe,
     NvmlProbe,
     UnavailableProbe,
     make_probe_factory,
     parse_compute_apps,
+    per_process_visible,
     probe_problem,
+    sleep_verdict,
     usage_of,
 )
 from llmuxd.config import Config, ConfigError
@@ -64,13 +68,16 @@ def test_usage_of_a_units_processes(memory, pids, expected):
     assert usage_of(memory, pids) == expected
 
 
-def fake_nvml(processes_per_gpu: list[list[tuple[int, int | None]]]) -> SimpleNamespace:
-    """The four NVML calls NvmlProbe makes, answering like nvidia-ml-py (bytes; None = N/A)."""
+def fake_nvml(processes_per_gpu: list[list[tuple[int, int | None]]], used_mib: list[int] | None = None
+              ) -> SimpleNamespace:
+    """The NVML calls NvmlProbe makes, answering like nvidia-ml-py (bytes; None = N/A)."""
+    used = used_mib or [0] * len(processes_per_gpu)
     return SimpleNamespace(
         nvmlDeviceGetCount=lambda: len(processes_per_gpu),
         nvmlDeviceGetHandleByIndex=lambda i: i,
         nvmlDeviceGetComputeRunningProcesses=lambda h: [
             SimpleNamespace(pid=pid, usedGpuMemory=used) for pid, used in processes_per_gpu[h]],
+        nvmlDeviceGetMemoryInfo=lambda h: SimpleNamespace(used=used[h] << 20),
     )
 
 
@@ -79,8 +86,61 @@ def fake_nvml(processes_per_gpu: list[list[tuple[int, int | None]]]) -> SimpleNa
     ([[(10, 5 << 30)], [(11, None)]], [10, 11], None),
     ([[(10, 5 << 30)]], [99], 0),
 ])
-async def test_nvml_answers_are_summed_per_process(gpus, pids, expected):
-    assert await NvmlProbe(fake_nvml(gpus)).usage_mb(pids) == expected
+def test_nvml_answers_are_summed_per_process(gpus, pids, expected):
+    assert usage_of(NvmlProbe(fake_nvml(gpus)).memory(), pids) == expected
+
+
+MINE = os.getpid()
+
+
+@pytest.mark.parametrize("memory,pids,visible", [
+    ({MINE: 4000}, [MINE], True),
+    ({1: 300}, [MINE], True),              # others listed, all in this namespace: the backend holds nothing
+    ({}, [MINE], False),                   # NVML lists no process at all (gVisor-like sandboxes)
+    ({MINE: None}, [MINE], False),         # listed without a number ("[N/A]")
+    ({4_000_000: 4000}, [MINE], False),    # a PID this namespace cannot see (the driver's namespace)
+])
+def test_per_process_figures_speak_only_when_the_driver_lists_processes_we_can_see(memory, pids, visible):
+    assert per_process_visible(memory, pids) is visible
+
+
+@pytest.mark.parametrize("gpus,memory,used,gpu_list,expected", [
+    # NVML lists no process: the used memory of the model's GPU, named device-level
+    ([[]], None, [47000], [0], Measurement(47000, "NVML device-level", True)),
+    ([[], []], None, [500, 47000], [1], Measurement(47000, "NVML device-level", True)),
+    ([[], []], None, [500, 47000], [], Measurement(47500, "NVML device-level", True)),  # no gpus: all of them
+    # a process of a PID namespace this one cannot see
+    ([[(4_000_000, 9 << 30)]], None, [9300], [0], Measurement(9300, "NVML device-level", True)),
+    # the backend listed: per process, whatever the device holds
+    ([[(MINE, 5 << 30)]], None, [9300], [0], Measurement(5120, "NVML per process")),
+])
+async def test_nvml_falls_back_to_the_devices_used_memory_and_says_so(gpus, memory, used, gpu_list, expected):
+    assert await NvmlProbe(fake_nvml(gpus, used)).measure([MINE], gpu_list) == expected
+
+
+MB_4000 = Measurement(4000, "NVML per process")
+
+
+@pytest.mark.parametrize("before,after,expected_mb,verified,seen,says", [
+    (MB_4000, Measurement(500, "NVML per process"), 4000, True, True, "4000 -> 500 MiB by NVML per process"),
+    (MB_4000, MB_4000, 4000, False, True, "4000 MiB left, at most 1024 expected"),  # unchanged
+    # negative controls: memory never seen is never "freed"
+    (Measurement(0, "NVML per process"), Measurement(0, "NVML per process"), 4000, False, False, COULD_NOT_SEE),
+    (Measurement(1500, "NVML per process"), Measurement(0, "NVML per process"), 4000, False, False,
+     "at least 2000 MiB, half its expected 4000 MiB"),
+    (Measurement(0, "NVML per process"), Measurement(0, "NVML per process"), None, False, False, COULD_NOT_SEE),
+    (Measurement(None, "NVML"), Measurement(0, "NVML per process"), 4000, False, False, COULD_NOT_SEE),
+    (MB_4000, Measurement(None, "NVML"), 4000, False, False, "cannot tell the memory after the sleep"),
+    # no expectation: more than a sleep's residue must have been seen
+    (MB_4000, Measurement(500, "NVML per process"), None, True, True, "4000 -> 500 MiB"),
+    # device-level: verified with the method named
+    (Measurement(47000, "nvidia-smi device-level", True), Measurement(600, "nvidia-smi device-level", True), 40000,
+     True, True, "47000 -> 600 MiB by nvidia-smi device-level"),
+])
+def test_a_sleep_is_freed_only_when_its_memory_was_seen(before, after, expected_mb, verified, seen, says):
+    verdict = sleep_verdict(before, after, expected_mb, 1024)
+    assert (verdict.verified, verdict.seen) == (verified, seen)
+    assert says in verdict.detail
 
 
 @pytest.fixture
@@ -105,15 +165,17 @@ async def test_nvidia_smi_probe_runs_the_tool_and_reads_its_pids(fake_smi, tmp_p
 
 
 @pytest.mark.parametrize("env,expected", [
-    ({"FAKE_NVIDIA_SMI_MEMORY": "na"}, None),  # the driver cannot tell
-    ({"FAKE_NVIDIA_SMI_FAIL": "1"}, None),     # the driver does not answer
-    ({}, 4000),
+    # the driver cannot tell per process: the GPU's used memory, named device-level
+    ({"FAKE_NVIDIA_SMI_MEMORY": "na"}, Measurement(4500, "nvidia-smi device-level", True)),
+    ({"FAKE_NVIDIA_SMI_PROCESSES": "none"}, Measurement(4500, "nvidia-smi device-level", True)),
+    ({"FAKE_NVIDIA_SMI_FAIL": "1"}, Measurement(None, "nvidia-smi per process")),  # the driver does not answer
+    ({}, Measurement(4000, "nvidia-smi per process")),
 ])
-async def test_nvidia_smi_probe_cannot_tell_rather_than_guess(fake_smi, monkeypatch, env, expected):
-    write_ledger(fake_smi, {100: 4000})
+async def test_nvidia_smi_probe_says_how_it_measured_and_never_guesses(fake_smi, monkeypatch, env, expected):
+    write_ledger(fake_smi, {MINE: 4000, 1: 500})
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    assert await NvidiaSmiProbe().usage_mb([100]) == expected
+    assert await NvidiaSmiProbe().measure([MINE], [0]) == expected
 
 
 async def test_missing_nvidia_smi_cannot_tell(monkeypatch):
