@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,9 +29,16 @@ from llmuxd.checkpoint.gpu_probe import (
     usage_of,
 )
 from llmuxd.config import Config, ConfigError
+from stand_in import GPU_HOST, load_pynvml, no_host_nvml
 
 FAKE_BIN = Path(__file__).resolve().parent / "fake-bin"
 FAKE_SMI = str(FAKE_BIN / "nvidia-smi")
+
+
+@pytest.fixture(autouse=True)
+def _no_host_nvml(monkeypatch):
+    """Whatever this host has, `import pynvml` here is nvidia-ml-py without a driver."""
+    no_host_nvml(monkeypatch)
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -189,7 +197,7 @@ async def test_missing_nvidia_smi_cannot_tell(monkeypatch):
 ])
 async def test_auto_takes_nvml_else_a_working_nvidia_smi_else_none(fake_smi, monkeypatch, path_has_smi, fail,
                                                                     chosen):
-    """pynvml is not installed here, so auto goes on to nvidia-smi."""
+    """NVML does not answer (tests/stand-in/no-driver), so auto goes on to nvidia-smi."""
     if not path_has_smi:
         monkeypatch.setenv("PATH", "/nonexistent")
     if fail:
@@ -198,6 +206,14 @@ async def test_auto_takes_nvml_else_a_working_nvidia_smi_else_none(fake_smi, mon
     probe = AutoProbe()
     assert (await probe.choose()).name == chosen
     assert await probe.usage_mb([100]) == (700 if chosen == "nvidia-smi" else None)
+
+
+async def test_auto_takes_nvml_where_a_driver_answers(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", load_pynvml(GPU_HOST))
+    probe = AutoProbe("/nonexistent/nvidia-smi")
+    assert (await probe.choose()).name == "nvml"
+    # the stand-in lists PID 1 (1000 MiB): visible here, not ours, so ours hold nothing
+    assert await probe.measure([os.getpid()], [0]) == Measurement(0, "NVML per process")
 
 
 @pytest.mark.parametrize("kind,env,probe_type", [

@@ -17,6 +17,7 @@ from llmuxd.eviction import Eviction
 from llmuxd.lifecycle import BackendState
 from llmuxd.orchestrator import Orchestrator
 from llmuxd.runtime.subprocess import SubprocessRuntime
+from stand_in import no_host_nvml
 from sysd.helpers import PYTHON, ahttp, completion, free_port
 
 FAKE_BIN = Path(__file__).resolve().parent / "fake-bin"
@@ -25,6 +26,12 @@ FAKE_CUDA = str(FAKE_BIN / "cuda-checkpoint")
 DEVICE_ARGS = ["--device", "cpu", "--sim-weights-gib", "0.03125"]
 SIM_COMMAND = [PYTHON, "-m", "llmuxd.sim.server", "serve"]
 PROMPT = "What is the capital of France?"
+
+
+@pytest.fixture(autouse=True)
+def _no_host_nvml(monkeypatch):
+    """`gpu_probe: auto` must not find the host's NVML: nvidia-ml-py here has no driver."""
+    no_host_nvml(monkeypatch)
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ import pytest
 
 from llmuxd.checkpoint.gpu_probe import Measurement
 from skip_policy import HAVE_TORCH
+from stand_in import without_host_nvml
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "gpu-check"
 
@@ -39,7 +40,11 @@ def run_script(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 
 def test_dry_run_lists_the_steps_and_names_what_this_machine_lacks(tmp_path):
-    result = run_script("--dry-run", "--out", str(tmp_path / "out"))
+    """A machine without the driver's tools: PATH has no nvidia-smi, pynvml no driver."""
+    (tmp_path / "bin").mkdir()
+    env = without_host_nvml({**os.environ, "PATH": str(tmp_path / "bin")})
+    result = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=300, env=env)
     out = result.stdout
     assert result.returncode == 2, out + result.stderr  # no GPU here
     assert "[MISSING] nvidia-smi: not found on PATH: install the NVIDIA driver utilities" in out
@@ -56,15 +61,15 @@ def test_dry_run_sizes_the_models_from_nvidia_smis_total(tmp_path):
     """With a GPU that nvidia-smi reports (tests/fake-bin/nvidia-smi), the plan is 60% of it
     per model and weights of total / 16 (at most 4 GiB); torch here still has no CUDA."""
 
-    env = {**os.environ, "PATH": f"{SCRIPT.parent.parent / 'tests' / 'fake-bin'}:{os.environ['PATH']}",
-           "FAKE_NVIDIA_SMI_GPU": "NVIDIA H200, 143771, 0"}
+    env = without_host_nvml({**os.environ, "FAKE_NVIDIA_SMI_GPU": "NVIDIA H200, 143771, 0",
+                             "PATH": f"{SCRIPT.parent.parent / 'tests' / 'fake-bin'}:{os.environ['PATH']}"})
     result = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(tmp_path / "out")],
                             capture_output=True, text=True, timeout=300, env=env)
     out = result.stdout
     assert "[ok] GPU: GPU 0: NVIDIA H200, 143771 MiB, 0 MiB in use" in out
     assert "--gpu-memory-utilization 0.6 (~86262 MiB each): all three need 180% of the GPU" in out
     assert "weights 4096 MiB" in out
-    assert "[ok] GPU memory per process: nvidia-smi --query-compute-apps (pynvml not installed)" in out
+    assert "[ok] GPU memory per process: nvidia-smi --query-compute-apps (NVML not available)" in out
     assert result.returncode == (0 if "[MISSING]" not in out else 2)
 
 

@@ -165,6 +165,8 @@ class NullProbe(_UsageMixin):
     """No source configured (or found by `auto`): nothing is verified."""
 
     name = "none"
+    #: False: no source at all, so no verdict either (the start log already said why)
+    measures = False
 
     async def measure(self, pids: Sequence[int], gpus: Sequence[int] = ()) -> Measurement:
         return Measurement(None, "no GPU probe")
@@ -172,6 +174,8 @@ class NullProbe(_UsageMixin):
 
 class UnavailableProbe(_UsageMixin):
     """A configured source that cannot work here; the reason is logged at start (preflight)."""
+
+    measures = False
 
     def __init__(self, name: str, reason: str):
         self.name = name
@@ -344,6 +348,14 @@ class AutoProbe(_UsageMixin):
 
     async def measure(self, pids: Sequence[int], gpus: Sequence[int] = ()) -> Measurement:
         return await (await self.choose()).measure(pids, gpus)
+
+
+async def measures(probe: GpuProbe) -> bool:
+    """Whether `probe` has a source at all (`auto` decides on first use): without one there
+    is no verdict to give, and none is logged (preflight said why at start)."""
+    if isinstance(probe, AutoProbe):
+        probe = await probe.choose()
+    return bool(getattr(probe, "measures", True))
 
 
 NVML_MISSING = ("NVML is not available (install nvidia-ml-py, Debian: python3-pynvml, and an NVIDIA driver "

@@ -40,6 +40,7 @@ from llmuxd.checkpoint.gpu_probe import (
     SleepVerdict,
     driver_versions,
     make_probe_factory,
+    measures,
     probe_problem,
     sleep_verdict,
 )
@@ -192,7 +193,7 @@ class CheckpointManager:
             except Exception:  # noqa: BLE001
                 self._backend_versions.pop(name, None)
         self._before.pop(name, None)
-        if self._measurable(eviction) and m.handle is not None:
+        if self._measurable(eviction) and m.handle is not None and await measures(self.probe_for(m)):
             self._before[name] = await self._measure(orchestrator, m)
         return eviction
 
@@ -250,6 +251,9 @@ class CheckpointManager:
         if not self._measurable(eviction):
             self.effectiveness[name] = 1.0 if eviction.frees_process else None
             self.last_residue_mb[name] = 0 if eviction.frees_process else None
+            return
+        if not await measures(self.probe_for(m)):  # no GPU probe: nothing is verified, nothing claimed
+            self.effectiveness[name] = self.last_residue_mb[name] = None
             return
         current = eviction
         while True:
@@ -311,7 +315,8 @@ class CheckpointManager:
     async def after_wake(self, orchestrator: Any, m: Any, eviction: Eviction, fresh: bool) -> None:
         """The canary: compare the deterministic answer with the one before the sleep."""
         name = m.status.name
-        if name not in self._awake_mb and self.expected_mb(m) is None and m.handle is not None:
+        if (name not in self._awake_mb and self.expected_mb(m) is None and m.handle is not None
+                and await measures(self.probe_for(m))):
             awake = await self._measure(orchestrator, m)
             if awake.mib and not awake.device_level and awake.mib > EXPECTED_RESIDUE_MB:
                 self._awake_mb[name] = awake.mib
