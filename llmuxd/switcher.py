@@ -529,6 +529,7 @@ class Switcher(Controls, SwitchPhases):
                 last_switch_s=m.last_switch_s,
                 endpoint=endpoint,
                 process_state=process,
+                sleep_check=backend.reason if process.startswith("sleeping") else None,
             )
         groups: Dict[str, GroupStatus] = {}
         state: Optional[str] = None

@@ -29,7 +29,7 @@ from llmuxd.checkpoint.gpu_probe import (
     usage_of,
 )
 from llmuxd.config import Config, ConfigError
-from stand_in import GPU_HOST, load_pynvml, no_host_nvml
+from stand_in import GPU_HOST, load_pynvml, no_host_nvml, without_host_nvml
 
 FAKE_BIN = Path(__file__).resolve().parent / "fake-bin"
 FAKE_SMI = str(FAKE_BIN / "nvidia-smi")
@@ -279,5 +279,36 @@ def test_the_daemon_verifies_sleeps_through_the_configured_nvidia_smi(tmp_path):
         assert "--query-compute-apps=pid,used_memory" in (tmp_path / "nvidia-smi.log").read_text()
         with pytest.raises(OSError):
             http_json(backend + "/health", timeout=2)  # its process is gone
+    finally:
+        assert daemon.stop() == 0, daemon.log()
+
+
+@pytest.mark.parametrize("driver,check", [
+    # gVisor-like: no process listed; the GPU's used memory stands in, named device-level
+    ({"FAKE_NVIDIA_SMI_PROCESSES": "none"}, "sleep verified device-level: 4000 -> 500 MiB by nvidia-smi device-level"),
+    # per process, seen: verified, nothing to add to the status
+    ({}, None),
+])
+def test_the_daemons_status_says_how_a_sleep_was_verified(tmp_path, driver, check):
+    """`llmuxd run` with `gpu_probe: nvidia-smi`: a sleeping model's /v1/models entry carries
+    the verdict where it is not plainly verified per process."""
+    from daemon_process import DaemonProcess, daemon_env, http_json, sim_model, write_config
+
+    ledger = tmp_path / "gpu.json"
+    models = {"alpha": sim_model("org/alpha", ledger, 4000), "beta": sim_model("org/beta", ledger, 4000)}
+    config = write_config(tmp_path, models, gpu_probe="nvidia-smi")
+    env = without_host_nvml(daemon_env())
+    env.update(PATH=f"{FAKE_BIN}:{env['PATH']}", FAKE_NVIDIA_SMI_LEDGER=str(ledger), **driver)
+    daemon = DaemonProcess(config, tmp_path / "llmuxd.log", env=env).wait_ready()
+    try:
+        for model in ("alpha", "beta"):  # beta's request puts alpha to sleep
+            body = json.dumps({"model": model, "prompt": "x", "max_tokens": 1}).encode()
+            assert http_json(daemon.base + "/v1/completions", body, {"Content-Type": "application/json"})[0] == 200
+        _, _, listing = http_json(daemon.base + "/v1/models")
+        alpha = next(m["llmux"] for m in listing["data"] if m["id"] == "alpha")
+        assert alpha["process_state"].startswith("sleeping"), alpha
+        assert alpha.get("sleep_check") == check
+        if check:
+            assert "device-level" in daemon.log()
     finally:
         assert daemon.stop() == 0, daemon.log()

@@ -189,6 +189,8 @@ class FrontEnd:
         for field in ("process_state", "group", "in_flight", "queue_depth", "last_error"):
             if ms is not None and hasattr(ms, field):
                 llmux[field] = getattr(ms, field)
+        if getattr(ms, "sleep_check", None):  # verified eviction's verdict, while the model sleeps
+            llmux["sleep_check"] = ms.sleep_check
         fleet = model_fleet_fields(self, status, name)
         if fleet is not None:
             llmux["fleet"] = fleet

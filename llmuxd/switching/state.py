@@ -199,6 +199,9 @@ class ModelStatus:
     #: not_started, starting, running, sleeping:WEIGHTS+PROCESS, checkpointed, stopped
     #: or failed (see `last_error`): `process_state()`
     process_state: str = "not_started"
+    #: while the model sleeps: how its sleep was verified, or why it was not (verified eviction:
+    #: "sleep not verified: could not see the backend's memory (...)", "sleep verified device-level: ...")
+    sleep_check: Optional[str] = None
 
 
 @dataclass(frozen=True)
