@@ -4,6 +4,7 @@ stands in for the driver's tool and reports what the simulators hold."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sys
@@ -312,3 +313,38 @@ def test_the_daemons_status_says_how_a_sleep_was_verified(tmp_path, driver, chec
             assert "device-level" in daemon.log()
     finally:
         assert daemon.stop() == 0, daemon.log()
+
+
+#: a backend whose worker leaves its process group (a session of its own), as some launchers do
+ESCAPING_BACKEND = """
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+print(child.pid, flush=True)
+time.sleep(60)
+"""
+
+
+async def test_a_backends_processes_are_its_group_and_its_whole_tree(tmp_path):
+    """Embedded mode: verified eviction measures every process of the backend, also a child
+    that left its process group (one PID, or the group alone, would miss its memory)."""
+    from llmuxd.runtime.base import LaunchSpec
+    from llmuxd.runtime.subprocess import SubprocessRuntime, _group_pids
+
+    runtime = SubprocessRuntime()
+    await runtime.connect()
+    out, child = tmp_path / "child.pid", None
+    handle = await runtime.start(LaunchSpec(model="tree", argv=(
+        "/bin/sh", "-c", f"exec {sys.executable} -c '{ESCAPING_BACKEND}' > {out}")))
+    try:
+        for _ in range(200):
+            if out.exists() and out.read_text().strip():
+                break
+            await asyncio.sleep(0.05)
+        child = int(out.read_text())
+        assert child not in _group_pids(handle.main_pid)  # control: it did leave the group
+        assert set(await runtime.pids(handle)) == {handle.main_pid, child}
+    finally:
+        if child:
+            os.kill(child, 9)  # first: it holds the backend's output pipe open
+        await runtime.stop(handle, timeout=5)
+        await runtime.close()

@@ -8,7 +8,6 @@ import importlib.util
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -178,22 +177,6 @@ def test_rows_are_written_as_they_are_measured(tmp_path):
     assert lines[0].startswith("| eviction | model | memory measured by |")
     assert lines[-1].startswith("| offload+keep_running | gc-a | NVML per process | 48000 | 600 |")
     assert lines[-1].endswith("| PASS |")
-
-
-def test_the_backends_memory_is_its_process_tree():
-    """vLLM's engine core and workers are children of the API server: all of them count."""
-    child = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
-                              "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)']); "
-                              "print(p.pid, flush=True); time.sleep(30)"], stdout=subprocess.PIPE, text=True)
-    grandchild = 0
-    try:
-        grandchild = int(child.stdout.readline())
-        assert set(gpu_check.process_tree(child.pid)) == {child.pid, grandchild}
-    finally:
-        if grandchild:
-            os.kill(grandchild, signal.SIGKILL)
-        child.kill()
-        child.wait()
 
 
 @pytest.mark.parametrize("sleeps,loads,passed", [
