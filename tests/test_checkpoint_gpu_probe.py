@@ -127,6 +127,19 @@ async def test_nvml_falls_back_to_the_devices_used_memory_and_says_so(gpus, memo
     assert await NvmlProbe(fake_nvml(gpus, used)).measure([MINE], gpu_list) == expected
 
 
+async def test_nvml_that_cannot_list_processes_falls_back_to_the_device_level():
+    """Sandboxes where nvmlDeviceGetComputeRunningProcesses fails (NVML_ERROR_NOT_SUPPORTED)."""
+    nvml = fake_nvml([[]], [47000])
+
+    def not_supported(handle):
+        raise RuntimeError("Not Supported")
+
+    nvml.nvmlDeviceGetComputeRunningProcesses = not_supported
+    assert await NvmlProbe(nvml).measure([MINE], [0]) == Measurement(47000, "NVML device-level", True)
+    nvml.nvmlDeviceGetMemoryInfo = not_supported
+    assert await NvmlProbe(nvml).measure([MINE], [0]) == Measurement(None, "NVML device-level", True)
+
+
 MB_4000 = Measurement(4000, "NVML per process")
 
 

@@ -312,12 +312,16 @@ class NvmlProbe(_UsageMixin):
     async def measure(self, pids: Sequence[int], gpus: Sequence[int] = ()) -> Measurement:
         try:
             memory = await asyncio.to_thread(self.memory)
-            if per_process_visible(memory, pids):
-                return Measurement(usage_of(memory, pids), "NVML per process")
+        except Exception as exc:  # noqa: BLE001 - e.g. NVML_ERROR_NOT_SUPPORTED in a sandbox
+            log.debug("NVML lists no processes (%s); using the GPUs' used memory", exc)
+            memory = {}
+        if per_process_visible(memory, pids):
+            return Measurement(usage_of(memory, pids), "NVML per process")
+        try:
             return device_measurement(await asyncio.to_thread(self.device_used), gpus, "NVML")
         except Exception as exc:  # noqa: BLE001
             log.warning("NVML query failed (%s); GPU memory after sleep not verified", exc)
-            return Measurement(None, "NVML")
+            return Measurement(None, "NVML device-level", device_level=True)
 
 
 class AutoProbe(_UsageMixin):
