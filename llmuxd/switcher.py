@@ -560,6 +560,7 @@ class Switcher(Controls, SwitchPhases):
                 endpoint=endpoint,
                 process_state=process,
                 idle_left_s=self._idle.left(m),
+                sleep_check=backend.reason if process.startswith("sleeping") else None,
             )
         groups: Dict[str, GroupStatus] = {}
         state: Optional[str] = None

@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from llmuxd.checkpoint.gpu_probe import Measurement
 from llmuxd.checkpoint.manager import CheckpointManager, strip_expandable_segments
 from llmuxd.config import Config
 from llmuxd.eviction import Eviction
 from llmuxd.lifecycle import BackendState
 from llmuxd.orchestrator import Orchestrator
 from llmuxd.runtime.subprocess import SubprocessRuntime
+from stand_in import no_host_nvml
 from sysd.helpers import PYTHON, ahttp, completion, free_port
 
 FAKE_BIN = Path(__file__).resolve().parent / "fake-bin"
@@ -24,6 +26,12 @@ FAKE_CUDA = str(FAKE_BIN / "cuda-checkpoint")
 DEVICE_ARGS = ["--device", "cpu", "--sim-weights-gib", "0.03125"]
 SIM_COMMAND = [PYTHON, "-m", "llmuxd.sim.server", "serve"]
 PROMPT = "What is the capital of France?"
+
+
+@pytest.fixture(autouse=True)
+def _no_host_nvml(monkeypatch):
+    """`gpu_probe: auto` must not find the host's NVML: nvidia-ml-py here has no driver."""
+    no_host_nvml(monkeypatch)
 
 
 @pytest.fixture
@@ -182,16 +190,75 @@ async def test_escalation_tries_cuda_suspend_before_stop(make, tmp_path, fake_cu
     assert orch.state("m") is BackendState.STOPPED
 
 
-async def test_a_driver_that_cannot_tell_skips_the_check(make, tmp_path, fake_nvidia_smi, monkeypatch):
-    """nvidia-smi answering "[N/A]" per process is "cannot tell": no escalation on a guess."""
-    monkeypatch.setenv("FAKE_NVIDIA_SMI_MEMORY", "na")
+@pytest.mark.parametrize("driver", [{"FAKE_NVIDIA_SMI_MEMORY": "na"}, {"FAKE_NVIDIA_SMI_PROCESSES": "none"}])
+@pytest.mark.parametrize("keeps_memory", [False, True])
+async def test_without_per_process_figures_the_device_level_is_named_and_never_escalates(
+        make, tmp_path, fake_nvidia_smi, monkeypatch, caplog, driver, keeps_memory):
+    """nvidia-smi answering "[N/A]" per process, or listing no process (gVisor-like): the
+    GPU's used memory stands in, "device-level" in the journal line and the status; a sleep
+    that seems to keep memory there is reported unverified, not escalated on that figure."""
+    caplog.set_level("INFO", "llmuxd.checkpoint")
+    for key, value in driver.items():
+        monkeypatch.setenv(key, value)
     orch, manager = await make(eviction="offload+keep_running", checkpoint=False, env=ledger_env(tmp_path),
                                gpu_probe="nvidia-smi")
     await orch.ensure_awake("m")
-    await ahttp("POST", f"{orch.endpoint('m')}/sim/fault", {"kind": "sleep_keeps_memory"})
+    if keeps_memory:
+        await ahttp("POST", f"{orch.endpoint('m')}/sim/fault", {"kind": "sleep_keeps_memory"})
     await orch.sleep("m", Eviction.parse("offload+keep_running"))
     assert orch.state("m") is BackendState.SLEEPING
-    assert manager.last_residue_mb["m"] is None and manager.effectiveness["m"] is None
+    verdict = manager.verdicts["m"]
+    assert verdict.after.method == "nvidia-smi device-level" and verdict.verified is not keeps_memory
+    reason = orch.status("m").reason
+    line = [r.getMessage() for r in caplog.records if "model m: sleep (offload+keep_running)" in r.getMessage()][-1]
+    if keeps_memory:
+        assert reason == "sleep not verified device-level: 4000 -> 4000 MiB by nvidia-smi device-level: " \
+                         "4000 MiB left, at most 1024 expected"
+        assert "not verified (device-level" in line and "escalating" not in caplog.text
+    else:
+        assert reason == "sleep verified device-level: 4000 -> 500 MiB by nvidia-smi device-level"
+        assert "verified (device-level: the used memory of its GPUs" in line
+
+
+class SeesNothing:
+    """A probe that lists none of the backend's processes (a PID namespace hiding them)."""
+
+    name = "nvml"
+
+    async def measure(self, pids, gpus=()):
+        return Measurement(0, "NVML per process")
+
+    async def usage_mb(self, pids):
+        return 0
+
+
+async def test_a_sleep_whose_memory_was_never_seen_is_reported_unverified(make, tmp_path, caplog):
+    """Negative control: 0 MiB before and after is not "freed": the model's expected 4000 MiB
+    (its simulator's size) were never seen, so the sleep is unverified, in its status too."""
+    orch, manager = await make(eviction="offload+keep_running", checkpoint=False, env=ledger_env(tmp_path))
+    manager._probe_factory = lambda env: SeesNothing()
+    await orch.ensure_awake("m")
+    await orch.sleep("m", Eviction.parse("offload+keep_running"))
+    assert orch.state("m") is BackendState.SLEEPING
+    verdict = manager.verdicts["m"]
+    assert (verdict.verified, verdict.seen) == (False, False)
+    assert orch.status("m").reason == (
+        "sleep not verified: could not see the backend's memory (0 -> 0 MiB by NVML per process; before the "
+        "sleep it must hold at least 2000 MiB, half its expected 4000 MiB)")
+    assert manager.effectiveness["m"] is None
+    assert "model m: sleep (offload+keep_running) not verified: could not see the backend's memory" in caplog.text
+    await orch.ensure_awake("m")
+    assert orch.status("m").reason is None  # awake again: nothing left to report
+
+
+async def test_a_measured_sleep_is_verified_in_one_line_naming_the_method(make, tmp_path, caplog):
+    caplog.set_level("INFO", "llmuxd.checkpoint")
+    orch, manager = await make(eviction="offload+keep_running", checkpoint=False, env=ledger_env(tmp_path))
+    await orch.ensure_awake("m")
+    await orch.sleep("m", Eviction.parse("offload+keep_running"))
+    assert manager.verdicts["m"].verified
+    assert ("model m: sleep (offload+keep_running) verified: 4000 -> 500 MiB by simulator ledger per process"
+            in caplog.text)
 
 
 def test_expandable_segments_is_stripped_with_a_warning(caplog):

@@ -33,7 +33,18 @@ from llmuxd.checkpoint.catalogue import (
 )
 from llmuxd.checkpoint.criu import CRIU_SAFE_ENV, Criu, ExternalSocket, log_errors, pid_taken_error, restore_argv
 from llmuxd.checkpoint.errors import CheckpointBusy, CheckpointError, ImageRejected
-from llmuxd.checkpoint.gpu_probe import GpuProbe, ProbeFactory, driver_versions, make_probe_factory, probe_problem
+from llmuxd.checkpoint.gpu_probe import (
+    GpuProbe,
+    Measurement,
+    ProbeFactory,
+    SleepVerdict,
+    driver_versions,
+    make_probe_factory,
+    measures,
+    probe_problem,
+    sleep_verdict,
+)
+from llmuxd.gpu_ledger import SIZE_ENV
 from llmuxd.errors import BackendError, LLMuxError, NotSupported
 from llmuxd.eviction import STOP_EVICTION, Eviction, ProcessStrategy, WeightStrategy
 from llmuxd.lifecycle import BackendState
@@ -105,7 +116,11 @@ class CheckpointManager:
         #: model -> fraction of its GPU memory the last sleep freed (None: not measurable)
         self.effectiveness: dict[str, float | None] = {}
         self.last_residue_mb: dict[str, int | None] = {}
-        self._before_mb: dict[str, int | None] = {}
+        self._before: dict[str, Measurement] = {}
+        #: model -> the verdict of its last measured sleep (verified, or why not)
+        self.verdicts: dict[str, SleepVerdict] = {}
+        #: model -> MiB its processes held after its first measured wake (when nothing else says)
+        self._awake_mb: dict[str, int] = {}
         self._suspended: dict[str, list[int]] = {}
         self._busy: set[str] = set()
         self._backend_versions: dict[str, str] = {}
@@ -177,11 +192,50 @@ class CheckpointManager:
                 self._backend_versions[name] = await m.engine.version()
             except Exception:  # noqa: BLE001
                 self._backend_versions.pop(name, None)
-        self._before_mb[name] = None
-        if self._measurable(eviction) and m.handle is not None:
-            pids = await orchestrator.runtime.pids(m.handle)
-            self._before_mb[name] = await self.probe_for(m).usage_mb(pids)
+        self._before.pop(name, None)
+        if self._measurable(eviction) and m.handle is not None and await measures(self.probe_for(m)):
+            self._before[name] = await self._measure(orchestrator, m)
         return eviction
+
+    async def _measure(self, orchestrator: Any, m: Any) -> Measurement:
+        """The GPU memory of all the backend's processes (its cgroup or process group)."""
+        pids = await orchestrator.runtime.pids(m.handle) if m.handle is not None else []
+        if not pids:
+            return Measurement(0, "no process left")
+        return await self.probe_for(m).measure(pids, tuple(getattr(m.config, "gpus", ()) or ()))
+
+    def expected_mb(self, m: Any) -> int | None:
+        """What the model should hold awake: gpu_memory_gib, else the simulator's size
+        (LLMUX_SIM_GPU_MB), else what its processes held after its first measured wake."""
+        gib = getattr(m.config, "gpu_memory_gib", None)
+        if gib:
+            return int(float(gib) * 1024)
+        size = (getattr(m.config, "env", None) or {}).get(SIZE_ENV)
+        if size and str(size).isdigit() and int(size) > 0:
+            return int(size)
+        return self._awake_mb.get(m.status.name)
+
+    def _judge(self, m: Any, eviction: Eviction, after: Measurement, allowed: int) -> SleepVerdict:
+        """The sleep's verdict, logged in one journal line that names the method; a sleep
+        not seen is reported unverified in the model's status, never verified."""
+        name = m.status.name
+        before = self._before.get(name) or Measurement(None, after.method)
+        verdict = sleep_verdict(before, after, self.expected_mb(m), allowed)
+        self.verdicts[name] = verdict
+        level = " (device-level: the used memory of its GPUs, valid while llmux owns them)" if (
+            after.device_level) else ""
+        if verdict.verified:
+            log.info("model %s: sleep (%s) verified%s: %s", name, eviction, level, verdict.detail)
+            if after.device_level:
+                m.status.reason = f"sleep verified device-level: {verdict.detail}"
+        elif not verdict.seen:
+            log.warning("model %s: sleep (%s) not verified: %s", name, eviction, verdict.detail)
+            m.status.reason = f"sleep not verified: {verdict.detail}"
+        elif after.device_level:
+            log.warning("model %s: sleep (%s) not verified%s: %s; not escalated on a device-level figure",
+                        name, eviction, level, verdict.detail)
+            m.status.reason = f"sleep not verified device-level: {verdict.detail}"
+        return verdict
 
     @staticmethod
     def _measurable(eviction: Eviction) -> bool:
@@ -198,25 +252,30 @@ class CheckpointManager:
             self.effectiveness[name] = 1.0 if eviction.frees_process else None
             self.last_residue_mb[name] = 0 if eviction.frees_process else None
             return
+        if not await measures(self.probe_for(m)):  # no GPU probe: nothing is verified, nothing claimed
+            self.effectiveness[name] = self.last_residue_mb[name] = None
+            return
         current = eviction
         while True:
-            pids = await orchestrator.runtime.pids(m.handle) if m.handle is not None else []
-            after = await self.probe_for(m).usage_mb(pids) if pids else 0
-            before = self._before_mb.get(name)
-            self.last_residue_mb[name] = after
-            self.effectiveness[name] = (
-                max(0.0, (before - after) / before) if before and after is not None else None)
+            after = await self._measure(orchestrator, m)
             allowed = SUSPENDED_RESIDUE_MB if current.process is ProcessStrategy.CUDA_SUSPEND else EXPECTED_RESIDUE_MB
-            if after is None or after <= allowed:
+            verdict = self._judge(m, current, after, allowed)
+            self.last_residue_mb[name] = after.mib
+            before = verdict.before.mib
+            self.effectiveness[name] = (
+                max(0.0, (before - after.mib) / before) if verdict.seen and before and after.mib is not None else None)
+            # escalate only on what the backend's own processes demonstrably keep
+            kept = verdict.kept_mb
+            if verdict.verified or kept is None or kept <= allowed:
                 return
             stronger = self._stronger(orchestrator, current)
             log.warning("model %s: after sleep (%s) its processes still hold %d MiB on the GPU (at most %d "
-                        "expected); escalating to %s", name, current, after, allowed, stronger)
+                        "expected); escalating to %s", name, current, kept, allowed, stronger)
             if stronger.process is ProcessStrategy.STOP:
                 await orchestrator._stop(m)
                 self.effectiveness[name] = 1.0
                 self.last_residue_mb[name] = 0
-                m.status.reason = f"sleep ({eviction}) left {after} MiB on the GPU; stopped instead"
+                m.status.reason = f"sleep ({eviction}) left {kept} MiB on the GPU; stopped instead"
                 return
             step = orchestrator.process_steps[stronger.process]
             try:
@@ -256,6 +315,11 @@ class CheckpointManager:
     async def after_wake(self, orchestrator: Any, m: Any, eviction: Eviction, fresh: bool) -> None:
         """The canary: compare the deterministic answer with the one before the sleep."""
         name = m.status.name
+        if (name not in self._awake_mb and self.expected_mb(m) is None and m.handle is not None
+                and await measures(self.probe_for(m))):
+            awake = await self._measure(orchestrator, m)
+            if awake.mib and not awake.device_level and awake.mib > EXPECTED_RESIDUE_MB:
+                self._awake_mb[name] = awake.mib
         if fresh or not needs_canary(eviction):
             return
         baseline = self.canary.baselines.get(name)

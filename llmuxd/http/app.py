@@ -203,6 +203,8 @@ class FrontEnd:
         preload = getattr(status, "preload", None) or {}
         if name in preload:
             llmux["preload"] = preload[name]
+        if getattr(ms, "sleep_check", None):  # verified eviction's verdict, while the model sleeps
+            llmux["sleep_check"] = ms.sleep_check
         fleet = model_fleet_fields(self, status, name)
         if fleet is not None:
             llmux["fleet"] = fleet

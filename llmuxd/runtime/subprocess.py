@@ -91,6 +91,28 @@ def _group_pids(pgid: int) -> list[int]:
     return sorted(found)
 
 
+def process_tree(root: int) -> list[int]:
+    """`root` and its live descendants, by parent PID (children that left its process group too;
+    scripts/gpu-check measures a backend's memory over the same tree)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        if pid not in tree:
+            tree.append(pid)
+            todo.extend(children.get(pid, []))
+    return tree
+
+
 class SubprocessRuntime:
     """Runtime for embedded mode: backends are process groups of this daemon."""
 
@@ -206,7 +228,8 @@ class SubprocessRuntime:
         # SIGSTOP lands asynchronously; like the cgroup freezer, answer once it is effective
         loop = asyncio.get_running_loop()
         deadline = loop.time() + FREEZE_SETTLE_TIMEOUT
-        while loop.time() < deadline and any(_proc_state(pid) not in "TtZ" for pid in await self.pids(handle)):
+        group = handle.process.pid  # SIGSTOP reaches its process group: wait for that
+        while loop.time() < deadline and any(_proc_state(pid) not in "TtZ" for pid in _group_pids(group)):
             await asyncio.sleep(0.01)
         handle.state = RunState.FROZEN
 
@@ -220,8 +243,10 @@ class SubprocessRuntime:
         assert isinstance(handle, _ProcessHandle)
         if handle.exited.is_set():
             return []
+        # its process group, and its process tree: a child in a group of its own still holds
+        # the backend's memory (verified eviction measures all of them)
         pgid = handle.process.pid
-        rest = [pid for pid in _group_pids(pgid) if pid != pgid]
+        rest = sorted((set(_group_pids(pgid)) | set(process_tree(pgid))) - {pgid})
         return [pgid, *rest]
 
     async def adopt(self) -> list[Handle]:

@@ -11,23 +11,22 @@ leak memory forever, as a dead CUDA context does not). A pid is only judged
 by a process in the same pid namespace, and its start time is recorded so a
 reused pid is not mistaken for the owner.
 
-File format::
-
-    {"capacity_mb": 81920,
-     "reservations": {"<pid>": {"mb": 16000, "model": "a", "ns": "pid:[4026531836]",
-                                "start": 123456, "updated": 1700000000.0}}}
+The file format (and its locking) is llmuxd/gpu_ledger.py's, which llmuxd's GPU probe
+reads too: the simulator depends on it, never the reverse.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-DEFAULT_CAPACITY_MB = 81920  # one 80 GiB GPU
+from llmuxd import gpu_ledger
+from llmuxd.gpu_ledger import DEFAULT_CAPACITY_MB
+
+__all__ = ["DEFAULT_CAPACITY_MB", "GpuLedger", "GpuOutOfMemory"]
 
 
 class GpuOutOfMemory(Exception):
@@ -83,39 +82,8 @@ class GpuLedger:
 
     @contextmanager
     def _locked(self, exclusive: bool) -> Iterator[tuple[Any, dict[str, Any]]]:
-        """The ledger's data under flock. Shared (read-only) access opens the
-        file read-only and never creates it: a reader such as llmuxd's GPU
-        probe may run where the ledger's directory is read-only to it
-        (llmuxd.service has ProtectSystem=strict); a missing ledger reads as empty."""
-        if exclusive:
-            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-            try:
-                if os.fstat(fd).st_size == 0:
-                    os.fchmod(fd, 0o666)  # simulators may run as other users (User= of their unit)
-            except OSError:
-                pass
-        else:
-            try:
-                fd = os.open(self.path, os.O_RDONLY)
-            except FileNotFoundError:
-                fd = os.open(os.devnull, os.O_RDONLY)
-        with os.fdopen(fd, "r+" if exclusive else "r") as f:
-            fcntl.flock(f, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-            raw = f.read()
-            try:
-                data = json.loads(raw) if raw.strip() else {}
-            except ValueError:
-                data = {}
-            if not isinstance(data, dict):
-                data = {}
-            data.setdefault(
-                "capacity_mb",
-                int(self._capacity_mb if self._capacity_mb is not None else DEFAULT_CAPACITY_MB),
-            )
-            if not isinstance(data.get("reservations"), dict):
-                data["reservations"] = {}
-            yield f, data
+        with gpu_ledger.locked(self.path, exclusive, self._capacity_mb) as locked:
+            yield locked
 
     @staticmethod
     def _write(f: Any, data: dict[str, Any]) -> None:
@@ -168,13 +136,4 @@ class GpuLedger:
         with self._locked(exclusive=prune) as (f, data):
             if prune and self._prune(data):
                 self._write(f, data)
-            res = data["reservations"]
-            by_pid = {int(p): int(e.get("mb", 0)) for p, e in res.items()}
-            used = sum(by_pid.values())
-            return {
-                "capacity_mb": int(data["capacity_mb"]),
-                "used_mb": used,
-                "free_mb": int(data["capacity_mb"]) - used,
-                "by_pid": by_pid,
-                "models": {int(p): e.get("model", "") for p, e in res.items()},
-            }
+            return gpu_ledger.summary(data)

@@ -236,6 +236,9 @@ class ModelStatus:
     process_state: str = "not_started"
     #: seconds until an idle eviction (idle_timeout), None when none is due: llmuxd/switching/idle.py
     idle_left_s: Optional[float] = None
+    #: while the model sleeps: how its sleep was verified, or why it was not (verified eviction:
+    #: "sleep not verified: could not see the backend's memory (...)", "sleep verified device-level: ...")
+    sleep_check: Optional[str] = None
 
 
 @dataclass(frozen=True)
