@@ -85,6 +85,10 @@ def format_status(status: dict) -> str:
     lines = [head, ""]
     for r in rows:
         lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    switches = [(n, m["last_switch"]) for n, m in sorted(status.get("models", {}).items()) if m.get("last_switch")]
+    if switches:
+        lines.append("")
+        lines.extend(f"last switch to {n}: {s}" for n, s in switches)
     errors = [(n, m["last_error"]) for n, m in sorted(status.get("models", {}).items()) if m.get("last_error")]
     if errors:
         lines.append("")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 
 class EvictionError(ValueError):
@@ -157,3 +157,15 @@ class Eviction:
 
 DEFAULT_EVICTION = Eviction(WeightStrategy.OFFLOAD, ProcessStrategy.KEEP_RUNNING)
 STOP_EVICTION = Eviction(WeightStrategy.RETAIN, ProcessStrategy.STOP)
+
+
+def overlap_problem(eviction: Optional[Eviction]) -> Optional[str]:
+    """Why a model with `eviction` cannot take part in an overlapped switch (its
+    weights moving while another model's do, issue #26), or None."""
+    if eviction is None:
+        return "no eviction known"
+    if eviction.weights not in (WeightStrategy.OFFLOAD, WeightStrategy.DISCARD):
+        return f"'{eviction}' does not use vLLM sleep, so its weights cannot move alone"
+    if eviction.process is not ProcessStrategy.KEEP_RUNNING:
+        return f"'{eviction}' does not keep its process running, which overlap needs"
+    return None

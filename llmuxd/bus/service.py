@@ -521,6 +521,8 @@ class LLMuxService:
                 "wait_estimate_usec": Variant("t", props["WaitEstimateUSec"]),
                 "last_error": Variant("s", props["LastError"]),
                 "last_switch_usec": Variant("t", props["LastSwitchUSec"]),
+                # issue #26: the last switch's phases and "overlapped" or why not
+                "last_switch": Variant("s", one_line(getattr(ms, "last_switch", None) or "")),
             }
         return {
             "version": Variant("s", self.version),

@@ -233,6 +233,14 @@ class VllmClient:
                                 timeout=self.timeouts.wake, params=params)
         return data or {"status": "awake", "tags": list(tags) if tags else None}
 
+    async def release_kv_cache_memory(self) -> None:
+        """`POST /release_kv_cache_memory`: free the KV cache of an engine
+        paused by `sleep(0)` (vLLM 0.32; 500 "requires a completed pause first"
+        otherwise). vLLM on the CPU refuses it with 500 "Selective discard is
+        not supported on CPU" (`refusal()` in llmuxd/engine/errors.py tells)."""
+        await self._call("POST", "/release_kv_cache_memory", operation="release_kv_cache_memory",
+                         timeout=self.timeouts.sleep)
+
     async def is_sleeping(self) -> bool:
         data = await self._json("GET", "/is_sleeping", operation="is_sleeping",
                                 timeout=self.timeouts.is_sleeping)

@@ -70,6 +70,10 @@ class ModelRuntime:
     drain_future: "Optional[asyncio.Future[None]]" = None
     #: removed by a reload; kept until its backend is stopped
     removed: bool = False
+    #: why its engine refused a partial sleep/wake step (learned; it then switches sequentially)
+    overlap_refused: Optional[str] = None
+    #: the last switch to it, for status pages: its phases and "overlapped" or why not
+    last_switch: Optional[str] = None
 
     @property
     def awake(self) -> bool:
@@ -199,6 +203,8 @@ class ModelStatus:
     #: not_started, starting, running, sleeping:WEIGHTS+PROCESS, checkpointed, stopped
     #: or failed (see `last_error`): `process_state()`
     process_state: str = "not_started"
+    #: the last switch to this model: "overlapped 0.80s: pause 0.01s, ..." or "sequential (budget: ...) ..."
+    last_switch: Optional[str] = None
 
 
 @dataclass(frozen=True)
