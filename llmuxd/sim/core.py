@@ -31,7 +31,7 @@ WEIGHTS_SHARE = 0.6
 GARBAGE_MARK = "\ufffdgarbage"
 
 FAULT_KINDS = (
-    "fail_sleep",  # /sleep answers 500
+    "fail_sleep",  # /sleep (level 1 or 2) answers 500
     "fail_wake",  # /wake_up answers 500
     "fail_wake_midway",  # a weights wake reserves its memory, copies half, then answers 500 (leaks: vLLM PR #34600)
     "fail_release",  # /release_kv_cache_memory answers 500
@@ -308,7 +308,7 @@ class SimCore:
     async def sleep(self, level: int, mode: str) -> None:
         async with self._sleep_lock:
             t0 = time.monotonic()
-            if self.take_fault("fail_sleep"):
+            if level >= 1 and self.take_fault("fail_sleep"):  # a level-0 pause moves nothing
                 raise SimError(500, "Call to sleep method failed: simulated sleep failure (fault fail_sleep)")
             if self.take_fault("hang_sleep"):
                 self._hang_release.clear()
