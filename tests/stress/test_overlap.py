@@ -139,3 +139,28 @@ def test_a_request_for_a_while_its_weights_leave(daemon):
     report = budget_run(daemon, Scenario("a_wanted_while_leaving", waves))
     check(report)
     assert {o.req.model for o in report.outcomes} == {A, B}
+
+
+def test_a_refused_release_is_learned_once_and_switches_go_sequential(tmp_path):
+    """vLLM on the CPU refuses /release_kv_cache_memory (LLMUX_SIM_PLATFORM=cpu
+    reproduces it): the first switch that tries says why in one journal line,
+    and from then on that model's switches are sequential, nothing lost."""
+    models = overlap_models()
+    for m in models:
+        m.env["LLMUX_SIM_PLATFORM"] = "cpu"
+        m.extra["sleep_mode"] = False  # vLLM's CPU build rejects --enable-sleep-mode
+    d = start_daemon(tmp_path, models, policy=POLICY, groups=GROUP)
+    try:
+        a_active_b_asleep(d)
+        waves = [Wave(burst((B, A)[i % 2], 3), name=f"w{i}", after=f"w{i - 1}" if i else None) for i in range(6)]
+        check(budget_run(d, Scenario("cpu_refusal_fallback", waves)))
+        log = d.log()
+        said = re.findall(r"model '(\w+)' refused a partial sleep step \(.*Selective discard is not "
+                          r"supported on CPU.*\); it switches sequentially from now on", log)
+        assert said == [A], said  # one line; alpha takes part in every switch after it
+        assert "; overlapped" not in log
+        assert re.search(r"switch alpha -> beta ok in .*; sequential: engine: alpha refused a step before", log)
+        status = json.loads(http(d.base + "/v1/models")[2])
+        assert {m["id"] for m in status["data"]} == {A, B}
+    finally:
+        stop_and_check(d)
