@@ -25,7 +25,7 @@ from typing import Any, Callable, Protocol
 
 from llmuxd.engine.errors import BackendExited, refusal
 from llmuxd.errors import BackendError, LLMuxError, NotSupported, UnknownModel
-from llmuxd.eviction import Eviction, ProcessStrategy, WeightStrategy
+from llmuxd.eviction import Eviction, ProcessStrategy, WeightStrategy, overlap_problem
 from llmuxd.lifecycle import BackendDetail, BackendState, ModelPhase  # ModelPhase re-exported: callers import it from here
 from llmuxd.runtime.base import ExitStatus, Handle, LaunchSpec, Runtime, RunState, check_port_free
 
@@ -134,6 +134,9 @@ class _Model:
     handle: Handle | None = None
     #: the eviction a sleep in progress applies (read by process steps, e.g. checkpoint's manifest)
     evicting: Eviction | None = None
+    #: the eviction the hooks settled on before an overlapped switch paused the model
+    #: (their before_sleep needs it serving: a canary probe); the sleep after takes it
+    prepared: Eviction | None = None
 
 
 class ProcessStep(Protocol):
@@ -292,7 +295,8 @@ class Orchestrator:
                 and ev.process is ProcessStrategy.KEEP_RUNNING and m.handle is not None
                 and not m.handle.exited.is_set())
 
-    async def pause_and_release(self, model: str, on_step: Callable[[str], None] | None = None) -> None:
+    async def pause_and_release(self, model: str, eviction: Eviction,
+                                on_step: Callable[[str], None] | None = None) -> None:
         """`/sleep?level=0` then `/release_kv_cache_memory` on an awake model:
         its scheduler stops and its KV cache leaves the GPU; its weights stay,
         and a plain `sleep()` takes them after (vLLM accepts level 1 or 2 on a
@@ -301,11 +305,19 @@ class Orchestrator:
         Raises BackendError(model, "pause" | "kv release", reason) with
         `.refused` set when the server refused the step for good (vLLM on the
         CPU: "Selective discard is not supported"); the model is then left
-        paused with its memory in place, for the caller's sequential sleep."""
+        paused with its memory in place, for the caller's sequential sleep.
+        The hooks' before_sleep runs first, while the model still answers; the
+        eviction it settles on is the one the following `sleep()` applies."""
         m = self._get(model)
         async with m.lock:
             if m.status.phase is not ModelPhase.READY:
                 raise BackendError(model, "pause", f"the backend is {m.status.phase}, not ready")
+            for hook in self.hooks:
+                eviction = await hook.before_sleep(self, m, eviction)
+            m.prepared = eviction
+            problem = overlap_problem(eviction)
+            if problem is not None:
+                raise BackendError(model, "pause", f"its eviction is now {eviction}: {problem}")
             phase = "pause"
             try:
                 await asyncio.wait_for(m.engine.sleep(0), self._sleep_timeout)
@@ -507,13 +519,17 @@ class Orchestrator:
     async def _sleep(self, m: _Model, eviction: Eviction) -> None:
         name = m.status.name
         phase = m.status.phase
+        prepared, m.prepared = m.prepared, None
         if phase in (ModelPhase.NOT_STARTED, ModelPhase.STOPPED, ModelPhase.FAILED):
             return
         if phase is not ModelPhase.READY and eviction.process is not ProcessStrategy.STOP:
             return  # already asleep; escalation to stop is the only change that makes sense
-        for hook in self.hooks:
-            if phase is ModelPhase.READY:
-                eviction = await hook.before_sleep(self, m, eviction)
+        if prepared is not None and eviction.process is not ProcessStrategy.STOP:
+            eviction = prepared  # an overlapped switch ran the hooks before pausing it
+        else:
+            for hook in self.hooks:
+                if phase is ModelPhase.READY:
+                    eviction = await hook.before_sleep(self, m, eviction)
         if eviction.process is ProcessStrategy.STOP:
             await self._stop(m)
             return

@@ -91,7 +91,7 @@ class OverlapPhases:
         for v in victims:
             self._set_state(v, ModelState.EVICTING)  # type: ignore[attr-defined]
         for v in victims:
-            fallback = await self._pause_and_release(v, phases)
+            fallback = await self._pause_and_release(v, eviction or self.eviction_for(v.name), phases)  # type: ignore[attr-defined]
             if fallback is not None:
                 break
         if fallback is not None:
@@ -120,7 +120,7 @@ class OverlapPhases:
         failure = await self._finish(g, target, phases, pc.wake_timeout)
         return failure, self._clock() - began, None
 
-    async def _pause_and_release(self, v: ModelRuntime, phases: Dict[str, float]) -> Optional[str]:
+    async def _pause_and_release(self, v: ModelRuntime, eviction: Eviction, phases: Dict[str, float]) -> Optional[str]:
         """Pause `v` and release its KV cache; the fallback reason when that failed."""
         t = self._clock()
         marks: Dict[str, float] = {}
@@ -130,7 +130,7 @@ class OverlapPhases:
 
         try:
             await asyncio.wait_for(
-                self._backends.pause_and_release(v.name, step),  # type: ignore[attr-defined]
+                self._backends.pause_and_release(v.name, eviction, step),  # type: ignore[attr-defined]
                 self._config.policy.sleep_timeout,
             )
         except asyncio.CancelledError:
