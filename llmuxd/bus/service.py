@@ -522,7 +522,7 @@ class LLMuxService:
                 "last_error": Variant("s", props["LastError"]),
                 "last_switch_usec": Variant("t", props["LastSwitchUSec"]),
                 # issue #26: the last switch's phases and "overlapped" or why not
-                "last_switch": Variant("s", one_line(getattr(ms, "last_switch", None) or "")),
+                "last_switch": Variant("s", one_line(ms.last_switch) if getattr(ms, "last_switch", None) else ""),
             }
         return {
             "version": Variant("s", self.version),
