@@ -106,6 +106,7 @@ class VllmClient:
         timeout: float,
         params: Sequence[tuple[str, str]] | None = None,
         body: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
     ) -> tuple[int, str]:
         """One HTTP call; returns (status, text) for a 2xx, raises otherwise."""
         url = self.base_url + path
@@ -115,6 +116,7 @@ class VllmClient:
                 url,
                 params=list(params) if params else None,
                 json=body,
+                headers=headers,
                 timeout=aiohttp.ClientTimeout(total=max(0.001, timeout)),
             ) as resp:
                 text = await resp.text()
@@ -237,9 +239,12 @@ class VllmClient:
         """`POST /release_kv_cache_memory`: free the KV cache of an engine
         paused by `sleep(0)` (vLLM 0.32; 500 "requires a completed pause first"
         otherwise). vLLM on the CPU refuses it with 500 "Selective discard is
-        not supported on CPU" (`refusal()` in llmuxd/engine/errors.py tells)."""
+        not supported on CPU" (`refusal()` in llmuxd/engine/errors.py tells).
+        Sent on a connection of its own: real vLLM answers that refusal from an
+        unhandled exception, after which uvicorn drops the connection, and a
+        pooled one would fail the next call (the sleep) with "connection reset"."""
         await self._call("POST", "/release_kv_cache_memory", operation="release_kv_cache_memory",
-                         timeout=self.timeouts.sleep)
+                         timeout=self.timeouts.sleep, headers={"Connection": "close"})
 
     async def is_sleeping(self) -> bool:
         data = await self._json("GET", "/is_sleeping", operation="is_sleeping",

@@ -56,3 +56,8 @@ def test_refused_release_falls_back_once_and_answers_stay_the_same(daemon):
     assert REFUSED.findall(log) == ["embed"], "the refusal is said once"
     assert re.search(r"switch chat -> embed ok in .*; sequential: engine: embed refused a step before", log)
     assert "; overlapped" not in log
+    # the refusal left the engine healthy: its sleep after it worked, nothing was stopped or restarted
+    # (seen failing before the release went on a connection of its own: "connection reset", stop)
+    assert "escalating to stop" not in log
+    assert len(re.findall(r"model embed: started", log)) == 1
+    assert len(re.findall(r"model chat: started", log)) == 1
