@@ -16,7 +16,6 @@ copies on separate streams, as on a real pair of vLLM servers.
 
 from __future__ import annotations
 
-import asyncio
 import re
 import sys
 import time
@@ -101,16 +100,16 @@ async def _one_mode(m: Any, plan: Any, out: Path, mode: str, model_config: Calla
     return ((after[0] - before[0]) - (after[1] - before[1])) / n, overlapped
 
 
-def overlap_section(m: Any, plan: Any, bandwidth: dict, out: Path, *, model_config: Callable[..., dict],
+async def overlap_section(m: Any, plan: Any, bandwidth: dict, out: Path, *, model_config: Callable[..., dict],
                     daemon_class: Any, free_port: Callable[[], int]) -> list[str]:
     """Report lines: sequential vs overlapped switch time and their floors."""
     print("overlapped switch (issue #26): sequential, then overlapped ...", flush=True)
     started = time.monotonic()
     try:
-        seq, seq_overlapped = asyncio.run(_one_mode(m, plan, out / "overlap-off", "off", model_config,
-                                                    daemon_class, free_port))
-        ovl, ovl_overlapped = asyncio.run(_one_mode(m, plan, out / "overlap-auto", "auto", model_config,
-                                                    daemon_class, free_port))
+        seq, seq_overlapped = await _one_mode(m, plan, out / "overlap-off", "off", model_config,
+                                              daemon_class, free_port)
+        ovl, ovl_overlapped = await _one_mode(m, plan, out / "overlap-auto", "auto", model_config,
+                                              daemon_class, free_port)
     except Exception as exc:  # noqa: BLE001 - a section of the report, not the whole check
         print(f"  overlap section FAILED: {exc}", file=sys.stderr, flush=True)
         return ["", f"Overlapped switch: FAILED ({str(exc).splitlines()[0]})"]
