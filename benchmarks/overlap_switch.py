@@ -17,13 +17,24 @@ and wake B. The issue's goals, checked per pair:
 - overlapped <= 0.65 x sequential where the halves are within 2x of each other
 
 It also times the plan itself (plan_overlap), which must stay under 1 ms.
+
+    python benchmarks/overlap_switch.py --real-vllm [--switches 3]
+
+does the same with real vLLM 0.32 on the CPU (the cache of scripts/real-vllm-setup): SmolLM2
+(`chat`) and MiniLM (`embed`), both offload+keep_running, budget for both weights but not both
+awake. vLLM's CPU worker refuses /release_kv_cache_memory, so `auto` falls back to the
+sequential switch after one journal line: the point is correctness, and that the fallback costs
+about what a sequential switch does.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -101,6 +112,92 @@ def measure(tmp: Path, pair: tuple[str, str], overlap: str, n: int, gbps: float,
             "weights_out": mean("weights_out"), "weights_in": mean("weights_in"), "overlapped": said}
 
 
+def measure_real(tmp: Path, overlap: str, n: int) -> dict[str, float]:
+    """chat -> embed switches through llmuxd on real vLLM (CPU)."""
+    sys.path.insert(0, str(ROOT / "scripts" / "real_vllm"))
+    import realvllm
+
+    cache, why = realvllm.find_cache()
+    if cache is None:
+        raise SystemExit(f"--real-vllm: {why}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    sizes = {"gpu_group": "cpu", "gpu_memory_gib": 4, "weights_gib": 1, "sleep_mode": False,
+             "eviction": "offload+keep_running", "startup_timeout": 600, "command": cache.command,
+             "env": dict(realvllm.VLLM_ENV)}
+    models = {
+        "chat": {"model_path": str(cache.smollm2), "extra_args": list(realvllm.SMOLLM2_ARGS), **sizes},
+        "embed": {"model_path": str(cache.minilm), "extra_args": list(realvllm.MINILM_ARGS), **sizes},
+    }
+    for entry in models.values():
+        entry["port"] = realvllm.free_port()
+    listen = f"127.0.0.1:{realvllm.free_port()}"
+    config = {"listen": listen, "state_dir": str(tmp / "state"), "user": None, "gpu_probe": "none",
+              "groups": {"cpu": {"budget_gib": 6}}, "models": models,
+              "policy": {"min_active": 0, "request_timeout": 600, "overlap": overlap}}
+    import yaml
+
+    (tmp / "llmux.yaml").write_text(yaml.safe_dump(config))
+    log = (tmp / "llmuxd.log").open("wb")
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("llmuxd")), "run", "--config", str(tmp / "llmux.yaml"),
+                             "--bus", "none"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://{listen}"
+    try:
+        realvllm.wait_http_ok(base + "/health", 60, proc)
+
+        def go(model: str) -> None:
+            body = ({"model": model, "input": ["hello"]} if model == "embed" else
+                    {"model": model, "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0})
+            path = "/v1/embeddings" if model == "embed" else "/v1/completions"
+            status, data = realvllm.http("POST", base + path, body, timeout=600)
+            if status != 200:
+                raise SystemExit(f"{model} answered {status}: {data[:300]!r}")
+
+        for model in ("chat", "embed", "chat"):  # both started, embed asleep
+            go(model)
+        before = sums_of(realvllm.http("GET", base + "/metrics")[1].decode(), "chat", "embed")
+        for _ in range(n):
+            go("embed")
+            go("chat")
+        after = sums_of(realvllm.http("GET", base + "/metrics")[1].decode(), "chat", "embed")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = (tmp / "llmuxd.log").read_text(errors="replace")
+    refused = len(re.findall(r"refused a partial sleep step", text))
+    total = (after.get("total_sum", 0) - before.get("total_sum", 0)) / n
+    drain = (after.get("drain_sum", 0) - before.get("drain_sum", 0)) / n
+    return {"switch": total - drain, "refused_lines": refused,
+            "overlapped": len(re.findall(r"; overlapped", text))}
+
+
+def sums_of(metrics: str, src: str, dst: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for line in metrics.splitlines():
+        m = re.match(r'llmux_switch_(phase|duration)_seconds_(sum|count)\{(.*)\} (\S+)$', line)
+        if not m or f'from="{src}"' not in m[3] or f'to="{dst}"' not in m[3]:
+            continue
+        phase = re.search(r'phase="([^"]+)"', m[3])
+        out[f"{phase[1] if phase else 'total'}_{m[2]}"] = float(m[4])
+    return out
+
+
+def real_main(n: int) -> int:
+    with tempfile.TemporaryDirectory(prefix="llmux-overlap-real-") as tmp:
+        seq = measure_real(Path(tmp) / "off", "off", n)
+        ovl = measure_real(Path(tmp) / "auto", "auto", n)
+    print(f"real vLLM 0.32 CPU, chat -> embed, mean of {n} switches without the drain")
+    print()
+    print("| policy.overlap | switch s | journal lines 'refused' | overlapped switches |")
+    print("| --- | --- | --- | --- |")
+    print(f"| off | {seq['switch']:.3f} | {seq['refused_lines']} | {seq['overlapped']} |")
+    print(f"| auto (falls back) | {ovl['switch']:.3f} | {ovl['refused_lines']} | {ovl['overlapped']} |")
+    return 0 if ovl["refused_lines"] == 1 and not ovl["overlapped"] and not seq["refused_lines"] else 1
+
+
 def plan_cost_us() -> float:
     offload = Eviction.parse("offload+keep_running")
     victims = [Side(A, 16.0, offload)]
@@ -115,7 +212,10 @@ def main() -> int:
     ap.add_argument("--switches", type=int, default=3)
     ap.add_argument("--gbps", type=float, default=25.0)
     ap.add_argument("--weights-gib", type=float, default=16.0)
+    ap.add_argument("--real-vllm", action="store_true", help="real vLLM on the CPU instead of the simulator")
     args = ap.parse_args()
+    if args.real_vllm:
+        return real_main(args.switches)
     rows = []
     ok = True
     with tempfile.TemporaryDirectory(prefix="llmux-overlap-bench-") as tmp:
