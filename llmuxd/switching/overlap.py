@@ -77,7 +77,7 @@ def plan_overlap(
     if mode == "off":
         return OverlapPlan(False, "off: policy.overlap is off")
     if not partial_steps:
-        return OverlapPlan(False, "engine: these backends have no partial sleep and wake steps")
+        return OverlapPlan(False, "engine: the backends have no partial steps")
     for side in (*victims, target):
         if side.refused:
             return OverlapPlan(False, f"engine: {side.name} refused a step before ({side.refused})")
@@ -89,7 +89,7 @@ def plan_overlap(
     if problem or not target.wakes_in_parts:
         return OverlapPlan(False, f"eviction: {target.name}: {problem or 'not asleep with vLLM sleep and its process running'}")
     if budget_gib is None:
-        return OverlapPlan(False, "budget: the group has no budget_gib, so two models' weights never share it")
+        return OverlapPlan(False, "budget: the group has no budget_gib")
     unknown = [s.name for s in (*victims, target) if s.weights_gib is None]
     if unknown:
         return OverlapPlan(False, f"budget: the weights size of {', '.join(unknown)} is unknown (set weights_gib)")
