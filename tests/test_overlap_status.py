@@ -39,3 +39,18 @@ def test_the_journal_line_says_overlapped_or_why_not():
                                           overlap="engine: a refused it (HTTP 500)"))
     assert line == "switch a -> b ok in 1.40s (sleep 0.70s, wake 0.70s); sequential: engine: a refused it (HTTP 500)"
     assert describe_switch(SwitchFinished("g", None, "b", True, 1.0, {"wake": 1.0})) == "switch (nothing) -> b ok in 1.00s (wake 1.00s)"
+
+
+def test_the_overlap_counter_counts_each_kind_of_answer():
+    from prometheus_client import generate_latest
+
+    from llmuxd.metrics import Metrics
+
+    m = Metrics()
+    for overlap in ("overlapped", "overlapped", "budget: too big", None):
+        m.on_switch_event(SwitchFinished("g", "a", "b", True, 1.0, {}, overlap=overlap))
+    m.on_switch_event(SwitchFinished("g", "a", "b", False, 1.0, {}, overlap="overlapped"))  # failed: not counted
+    lines = [ln for ln in generate_latest(m.registry).decode().splitlines()
+             if ln.startswith("llmux_switch_overlap_total{")]
+    assert sorted(lines) == ['llmux_switch_overlap_total{from="a",overlap="budget",to="b"} 1.0',
+                             'llmux_switch_overlap_total{from="a",overlap="overlapped",to="b"} 2.0']
