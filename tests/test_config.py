@@ -649,6 +649,17 @@ def test_overlap_on_warns_about_each_model_that_cannot(tmp_path, overlap, model,
         warning is not None and len(overlap_warnings) == 1 and overlap_warnings[0].startswith(f"{path}: {warning}"))
 
 
+def test_overlap_on_warns_when_no_pair_of_weights_fits_the_budget(tmp_path):
+    two = "  n:\n    model_path: org/n\n    gpu_group: big\n    gpu_memory_gib: 30\n    weights_gib: 24\n"
+    text = ("policy:\n  overlap: on\n" + OVERLAP_GROUP + _M + "    gpu_group: big\n    gpu_memory_gib: 30\n"
+            "    weights_gib: 24\n" + two)
+    path = write(tmp_path, "llmux.yaml", text)
+    warnings = [w for w in load_config(path).warnings if "policy.overlap" in w]
+    assert warnings == [
+        f"{path}: policy.overlap: 'on', but model '{m}' cannot overlap its switches: its 24 GiB of weights and "
+        "any other model's in group 'big' exceed budget_gib 40 together" for m in ("m", "n")]
+
+
 def test_overlap_on_warns_about_a_group_without_budget(tmp_path):
     path = write(tmp_path, "llmux.yaml", "policy:\n  overlap: on\n" + _M + "    weights_gib: 16\n")
     (warning,) = [w for w in load_config(path).warnings if "policy.overlap" in w]

@@ -35,6 +35,12 @@ def _check_weights(config: Config, name: str, model: Any, group: Any, issues: Is
         why = f"its group {model.gpu_group!r} has no budget_gib, so two models' weights never share it"
     if why is None and weights is None:
         why = "it has no weights_gib, so the budget at the widest point is unknown"
+    if why is None and weights <= group.budget_gib:  # (above it, the error says so already)
+        peers = [o.weights_gib for n, o in config.models.items()
+                 if n != name and o.gpu_group == model.gpu_group and o.weights_gib is not None]
+        if peers and all(weights + w > group.budget_gib for w in peers):
+            why = (f"its {weights:g} GiB of weights and any other model's in group {model.gpu_group!r} "
+                   f"exceed budget_gib {group.budget_gib:g} together")
     if why is not None:
         issues.warn(("policy", "overlap"), f"'on', but model '{name}' cannot overlap its switches: {why}")
 
