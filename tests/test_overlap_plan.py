@@ -57,3 +57,4 @@ def test_backends_without_partial_steps_do_not_overlap():
 def test_switch_summary_says_how_and_each_phase(overlap, head):
     line = switch_summary(1.0, {"drain": 0.1, "weights_in": 0.5}, overlap)
     assert line == head + "drain 0.10s, weights_in 0.50s"
+    assert switch_summary(1.0, {}, overlap, ok=False) == "FAILED: " + head.rstrip(": ")

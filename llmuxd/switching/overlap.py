@@ -55,11 +55,11 @@ class OverlapPlan:
     reason: str
 
 
-def switch_summary(duration: float, phases: Dict[str, float], overlap: Optional[str]) -> str:
+def switch_summary(duration: float, phases: Dict[str, float], overlap: Optional[str], ok: bool = True) -> str:
     """One line for status pages: how the last switch went, phase by phase."""
     how = "overlapped" if overlap == OVERLAPPED else (f"sequential ({overlap})" if overlap else "sequential")
     parts = ", ".join(f"{k} {v:.2f}s" for k, v in phases.items())
-    return f"{how} in {duration:.2f}s" + (f": {parts}" if parts else "")
+    return ("" if ok else "FAILED: ") + f"{how} in {duration:.2f}s" + (f": {parts}" if parts else "")
 
 
 def plan_overlap(

@@ -87,6 +87,11 @@ class OverlapPhases:
         pc = self._config.policy
         began = self._clock()
         fallback: Optional[str] = None
+        victims = [v for v in victims if v.awake]  # one may have died during the drain
+        if not victims:
+            failure = await self._wake(g, target)  # type: ignore[attr-defined]
+            phases["wake"] = self._clock() - began
+            return failure, self._clock() - began, "eviction: nothing left to evict"
         # 1. pause each victim and release its KV cache; its weights stay for now
         for v in victims:
             self._set_state(v, ModelState.EVICTING)  # type: ignore[attr-defined]

@@ -155,7 +155,7 @@ class SwitchPhases(OverlapPhases):
             g.switching = None
             g.switch_started_at = None
             if target is not None and not skipped:
-                target.last_switch = switch_summary(self._clock() - start, phases, overlap)
+                target.last_switch = switch_summary(self._clock() - start, phases, overlap, ok)
             self._emit(
                 SwitchFinished(
                     g.name, from_name, to_name, ok=ok, duration=self._clock() - start, phases=phases,
