@@ -92,6 +92,10 @@ def format_status(status: dict) -> str:
     if status.get("preload"):
         lines.append("")
         lines.append("preload: " + ", ".join(f"{n} {p}" for n, p in status["preload"].items()))
+    switches = [(n, m["last_switch"]) for n, m in sorted(status.get("models", {}).items()) if m.get("last_switch")]
+    if switches:
+        lines.append("")
+        lines.extend(f"last switch to {n}: {s}" for n, s in switches)
     errors = [(n, m["last_error"]) for n, m in sorted(status.get("models", {}).items()) if m.get("last_error")]
     if errors:
         lines.append("")

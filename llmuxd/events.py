@@ -30,7 +30,8 @@ class SwitchFinished:
     """The end of a switch started by the matching `SwitchStarted`.
 
     `phases` holds seconds spent in each phase that ran: backoff, cooldown,
-    drain, sleep, wake. `drain_timed_out` says the old model was put to sleep
+    drain, sleep, wake; an overlapped switch has pause, kv_release,
+    weights_out, weights_in (these two at once), kv_in, scheduling instead. `drain_timed_out` says the old model was put to sleep
     with requests still in flight because `drain_timeout` passed. `skipped`
     says the switch was abandoned before anything was evicted because all the
     requests that wanted it were served or timed out (invariant I7).
@@ -45,6 +46,11 @@ class SwitchFinished:
     error: Optional[str] = None
     drain_timed_out: bool = False
     skipped: bool = False
+    #: "overlapped" when the old model's weights left while the new one's came in
+    #: (phases then: pause, kv_release, weights_out, weights_in, kv_in, scheduling),
+    #: else why not ("budget: ...", "eviction: ...", "engine: ...", "off: ..."); None
+    #: when there was nothing to overlap (no model to evict, or none to wake)
+    overlap: Optional[str] = None
 
 
 @dataclass(frozen=True)

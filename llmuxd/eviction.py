@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 
 class EvictionError(ValueError):
@@ -172,3 +172,14 @@ def check_engine(eviction: Eviction, engine: str, model: str) -> None:
         f"model '{model}' runs engine '{engine}', which cannot {eviction.weights.value} its weights "
         f"(that needs vLLM's sleep endpoints); it can do: {can}"
     )
+
+def overlap_problem(eviction: Optional[Eviction]) -> Optional[str]:
+    """Why a model with `eviction` cannot take part in an overlapped switch (its
+    weights moving while another model's do, issue #26), or None."""
+    if eviction is None:
+        return "no eviction known"
+    if eviction.weights not in (WeightStrategy.OFFLOAD, WeightStrategy.DISCARD):
+        return f"'{eviction}' does not use vLLM sleep, so its weights cannot move alone"
+    if eviction.process is not ProcessStrategy.KEEP_RUNNING:
+        return f"'{eviction}' does not keep its process running, which overlap needs"
+    return None

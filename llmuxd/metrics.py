@@ -107,6 +107,13 @@ class Metrics:
             buckets=SWITCH_BUCKETS,
             registry=r,
         )
+        self.switch_overlap = Counter(
+            "llmux_switch_overlap_total",
+            "Switches by how their weight transfers ran: overlapped, or the kind of reason not "
+            "(budget, eviction, engine, off)",
+            ["from", "to", "overlap"],
+            registry=r,
+        )
         self.active_model = Gauge(
             "llmux_active_model_info",
             "1 for each model that is awake and serving, else 0",
@@ -210,6 +217,9 @@ class Metrics:
                 self.switch_duration.labels(src, dst).observe(event.duration)
                 for phase, seconds in (event.phases or {}).items():
                     self.switch_phase.labels(phase, src, dst).observe(seconds)
+                overlap = getattr(event, "overlap", None)
+                if overlap:
+                    self.switch_overlap.labels(src, dst, overlap.split(":", 1)[0]).inc()
                 if dst:  # 0.7 counted switches to a model; a plain sleep is none
                     self.switches_07.labels(src, dst).inc()
                     self.switch_seconds_07.labels(src, dst).observe(event.duration)

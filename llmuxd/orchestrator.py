@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 from llmuxd.config.placeholders import fill
-from llmuxd.engine.errors import BackendExited
+from llmuxd.engine.errors import BackendExited, refusal
 from llmuxd.errors import BackendError, LLMuxError, NotSupported, UnknownModel
-from llmuxd.eviction import DEFAULT_ENGINE, Eviction, ProcessStrategy, WeightStrategy
+from llmuxd.eviction import DEFAULT_ENGINE, Eviction, ProcessStrategy, WeightStrategy, overlap_problem
 from llmuxd.lifecycle import BackendDetail, BackendState, ModelPhase  # ModelPhase re-exported: callers import it from here
 from llmuxd.runtime.base import ExitStatus, Handle, LaunchSpec, Runtime, RunState, check_port_free
 
@@ -50,7 +50,8 @@ class Engine(Protocol):
 
     async def wait_healthy(self, deadline: float, *, process_alive: Callable[[], bool] | None = None) -> None: ...
     async def sleep(self, level: int = 1, mode: str = "abort") -> Any: ...
-    async def wake_up(self) -> Any: ...
+    async def wake_up(self, tags: Any = None) -> Any: ...
+    async def release_kv_cache_memory(self) -> None: ...
     async def is_sleeping(self) -> bool: ...
     async def collective_rpc(self, method: str) -> Any: ...
     async def reset_prefix_cache(self) -> Any: ...
@@ -141,6 +142,9 @@ class _Model:
     handle: Handle | None = None
     #: the eviction a sleep in progress applies (read by process steps, e.g. checkpoint's manifest)
     evicting: Eviction | None = None
+    #: the eviction the hooks settled on before an overlapped switch paused the model
+    #: (their before_sleep needs it serving: a canary probe); the sleep after takes it
+    prepared: Eviction | None = None
 
 
 class ProcessStep(Protocol):
@@ -288,6 +292,113 @@ class Orchestrator:
         async with m.lock:
             await self._stop(m)
 
+    # -- the partial steps of an overlapped switch (llmuxd/switching/overlap.py)
+
+    def wakes_in_parts(self, model: str) -> bool:
+        """Whether `model` sleeps so that its weights can come back alone
+        (`/wake_up?tags=weights`): vLLM sleep with its process running."""
+        m = self._get(model)
+        ev = m.status.eviction
+        return (m.status.phase is ModelPhase.SLEEPING and ev is not None and ev.sleep_level is not None
+                and ev.process is ProcessStrategy.KEEP_RUNNING and m.handle is not None
+                and not m.handle.exited.is_set())
+
+    async def pause_and_release(self, model: str, eviction: Eviction,
+                                on_step: Callable[[str], None] | None = None) -> None:
+        """`/sleep?level=0` then `/release_kv_cache_memory` on an awake model:
+        its scheduler stops and its KV cache leaves the GPU; its weights stay,
+        and a plain `sleep()` takes them after (vLLM accepts level 1 or 2 on a
+        paused engine). `on_step("kv_release")` marks the end of the pause.
+
+        Raises BackendError(model, "pause" | "kv release", reason) with
+        `.refused` set when the server refused the step for good (vLLM on the
+        CPU: "Selective discard is not supported"); the model is then left
+        paused with its memory in place, for the caller's sequential sleep.
+        The hooks' before_sleep runs first, while the model still answers; the
+        eviction it settles on is the one the following `sleep()` applies."""
+        m = self._get(model)
+        async with m.lock:
+            if m.status.phase is not ModelPhase.READY:
+                raise BackendError(model, "pause", f"the backend is {m.status.phase}, not ready")
+            for hook in self.hooks:
+                eviction = await hook.before_sleep(self, m, eviction)
+            m.prepared = eviction
+            problem = overlap_problem(eviction)
+            if problem is not None:
+                raise BackendError(model, "pause", f"its eviction is now {eviction}: {problem}")
+            phase = "pause"
+            try:
+                await asyncio.wait_for(m.engine.sleep(0), self._sleep_timeout)
+                if on_step is not None:
+                    on_step("kv_release")
+                phase = "kv release"
+                await asyncio.wait_for(m.engine.release_kv_cache_memory(), self._sleep_timeout)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - typed for the switcher below
+                reason = f"no answer within {self._sleep_timeout:.0f}s" if isinstance(exc, asyncio.TimeoutError) else (str(exc) or type(exc).__name__)
+                err = BackendError(model, phase, reason)
+                err.refused = refusal(exc)  # type: ignore[attr-defined]
+                raise err from None
+
+    async def wake_weights(self, model: str) -> None:
+        """Bring only the weights of a sleeping model back (`/wake_up?tags=weights`,
+        then `reload_weights` after discard); the KV cache and the scheduler stay
+        asleep until `finish_wake`. A failure stops the model (its half-mapped
+        memory cannot be trusted, vLLM PR #34600) and raises BackendError."""
+        m = self._get(model)
+        async with m.lock:
+            eviction = m.status.eviction
+            if not self.wakes_in_parts(model) or eviction is None:
+                raise BackendError(model, "wake weights", f"the backend is {m.status.phase} and cannot wake in parts")
+            try:
+                await asyncio.wait_for(self._weights_in(m, eviction), self._wake_timeout)
+            except asyncio.TimeoutError:
+                await self._fail_and_stop(m, "wake weights", f"not done within {self._wake_timeout:.0f}s (policy.wake_timeout)")
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                await self._fail_and_stop(m, "wake weights", getattr(exc, "reason", None) or str(exc) or type(exc).__name__)
+
+    async def _weights_in(self, m: _Model, eviction: Eviction) -> None:
+        await m.engine.wake_up(["weights"])
+        if eviction.weights is WeightStrategy.DISCARD:
+            await m.engine.collective_rpc("reload_weights")
+
+    async def finish_wake(self, model: str, on_step: Callable[[str], None] | None = None) -> None:
+        """After `wake_weights`: the KV cache (`tags=kv_cache`), then the
+        scheduler (`tags=scheduling`), the prefix cache reset after discard,
+        readiness and the post-wake hooks. `on_step("scheduling")` marks the
+        end of the KV cache step. A failure stops the model and raises BackendError."""
+        m = self._get(model)
+        async with m.lock:
+            eviction = m.status.eviction
+            if m.status.phase is ModelPhase.READY:
+                return
+            if eviction is None or m.status.phase is not ModelPhase.SLEEPING:
+                raise BackendError(model, "wake", f"the backend is {m.status.phase}, not asleep")
+            phase = "wake kv cache"
+            try:
+                await asyncio.wait_for(m.engine.wake_up(["kv_cache"]), self._wake_timeout)
+                if on_step is not None:
+                    on_step("scheduling")
+                phase = "wake scheduling"
+                await asyncio.wait_for(m.engine.wake_up(["scheduling"]), self._wake_timeout)
+            except asyncio.TimeoutError:
+                await self._fail_and_stop(m, phase, f"not done within {self._wake_timeout:.0f}s (policy.wake_timeout)")
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                await self._fail_and_stop(m, phase, getattr(exc, "reason", None) or str(exc) or type(exc).__name__)
+            if eviction.weights is WeightStrategy.DISCARD:
+                try:
+                    await m.engine.reset_prefix_cache()
+                except Exception as exc:  # noqa: BLE001 - a stale cache only costs speed
+                    log.warning("model %s: reset_prefix_cache failed (ignored): %s", model, exc)
+            await self._wait_ready(m, self._ready_timeout, "wake")
+            for hook in self.hooks:
+                await hook.after_wake(self, m, eviction, False)  # post-wake canary
+
     # -- daemon lifecycle ---------------------------------------------------
 
     async def adopt(self) -> dict[str, BackendState]:
@@ -416,13 +527,17 @@ class Orchestrator:
     async def _sleep(self, m: _Model, eviction: Eviction) -> None:
         name = m.status.name
         phase = m.status.phase
+        prepared, m.prepared = m.prepared, None
         if phase in (ModelPhase.NOT_STARTED, ModelPhase.STOPPED, ModelPhase.FAILED):
             return
         if phase is not ModelPhase.READY and eviction.process is not ProcessStrategy.STOP:
             return  # already asleep; escalation to stop is the only change that makes sense
-        for hook in self.hooks:
-            if phase is ModelPhase.READY:
-                eviction = await hook.before_sleep(self, m, eviction)
+        if prepared is not None and eviction.process is not ProcessStrategy.STOP:
+            eviction = prepared  # an overlapped switch ran the hooks before pausing it
+        else:
+            for hook in self.hooks:
+                if phase is ModelPhase.READY:
+                    eviction = await hook.before_sleep(self, m, eviction)
         if eviction.process is ProcessStrategy.STOP:
             await self._stop(m)
             return

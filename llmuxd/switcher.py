@@ -557,6 +557,7 @@ class Switcher(Controls, SwitchPhases):
                 wait_estimate=self._wait_estimate(m),
                 last_error=last_error,
                 last_switch_s=m.last_switch_s,
+                last_switch=m.last_switch,
                 endpoint=endpoint,
                 process_state=process,
                 idle_left_s=self._idle.left(m),

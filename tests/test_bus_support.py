@@ -74,6 +74,7 @@ class ModelStatus:
     last_switch_s: Optional[float] = None
     endpoint: str = ""
     process_state: str = "not_started"
+    last_switch: Optional[str] = None
 
 
 @dataclass

@@ -408,6 +408,12 @@ BAD_YAML = [
      "models.m.gpu_group: group 'big' is not defined; define it under 'groups:' or use one of: default"),
     ("over-budget", "groups: {big: {budget_gib: 80}}\n" + _M + "    gpu_group: big\n    gpu_memory_gib: 96\n",
      "models.m.gpu_memory_gib: 96 GiB is more than the budget_gib 80 of group 'big'; lower it or raise the budget"),
+    ("weights-over-budget", "groups: {big: {budget_gib: 40}}\n" + _M + "    gpu_group: big\n    gpu_memory_gib: 30\n    weights_gib: 48\n",
+     "models.m.weights_gib: 48 GiB of weights is more than the budget_gib 40 of group 'big' (groups.big.budget_gib); lower it or raise the budget"),
+    ("weights-over-memory", "groups: {big: {budget_gib: 40}}\n" + _M + "    gpu_group: big\n    gpu_memory_gib: 30\n    weights_gib: 32\n",
+     "models.m.weights_gib: 32 GiB of weights is more than the model's gpu_memory_gib 30, which includes them"),
+    ("overlap-unknown", "policy:\n  overlap: sometimes\n",
+     "policy.overlap: unknown overlap mode 'sometimes'; allowed: auto, on, off"),
     ("budget-needs-memory", "groups: {big: {budget_gib: 80}}\n" + _M + "    gpu_group: big\n",
      "models.m.gpu_memory_gib: required in group 'big', which has budget_gib 80; give the GiB the model needs awake"),
     ("budget-negative", "groups: {big: {budget_gib: -1}}\n",
@@ -615,3 +621,45 @@ def test_sleep_mode_off_with_a_sleeping_eviction_is_allowed_and_noted():
         "models.m: sleep_mode is false, so 'offload+keep_running' only pauses vLLM's scheduler "
         "(CPU builds) and frees no memory; on a GPU the sleep fails and llmux stops the model instead"
     ]
+
+
+OVERLAP_GROUP = "groups: {big: {budget_gib: 40}}\n"
+
+
+@pytest.mark.parametrize("overlap,model,warning", [
+    ("on", "    eviction: offload+freeze\n    weights_gib: 16\n",
+     "policy.overlap: 'on', but model 'm' cannot overlap its switches: 'offload+freeze' does not keep its process running, which overlap needs"),
+    ("on", "    weights_gib: 16\n    eviction: retain+stop\n",
+     "policy.overlap: 'on', but model 'm' cannot overlap its switches: 'retain+stop' does not use vLLM sleep"),
+    ("on", "", "policy.overlap: 'on', but model 'm' cannot overlap its switches: it has no weights_gib"),
+    ("on", "    weights_gib: 16\n", None),
+    ("auto", "    eviction: offload+freeze\n", None),  # auto says nothing: it decides per switch
+    ("off", "", None),
+], ids=["freeze", "stop", "no-weights", "fine", "auto-quiet", "off-quiet"])
+def test_overlap_on_warns_about_each_model_that_cannot(tmp_path, overlap, model, warning):
+    text = (f"policy:\n  overlap: {overlap}\n" + OVERLAP_GROUP + _M
+            + "    gpu_group: big\n    gpu_memory_gib: 30\n" + model)
+    path = write(tmp_path, "llmux.yaml", text)
+    config = load_config(path)
+    assert config.policy.overlap == overlap  # a bare YAML on/off is a boolean: read as the word
+    overlap_warnings = [w for w in config.warnings if "policy.overlap" in w]
+    assert overlap_warnings == ([] if warning is None else [f"{path}: {warning}"]) or (
+        warning is not None and len(overlap_warnings) == 1 and overlap_warnings[0].startswith(f"{path}: {warning}"))
+
+
+def test_overlap_on_warns_when_no_pair_of_weights_fits_the_budget(tmp_path):
+    two = "  n:\n    model_path: org/n\n    gpu_group: big\n    gpu_memory_gib: 30\n    weights_gib: 24\n"
+    text = ("policy:\n  overlap: on\n" + OVERLAP_GROUP + _M + "    gpu_group: big\n    gpu_memory_gib: 30\n"
+            "    weights_gib: 24\n" + two)
+    path = write(tmp_path, "llmux.yaml", text)
+    warnings = [w for w in load_config(path).warnings if "policy.overlap" in w]
+    assert warnings == [
+        f"{path}: policy.overlap: 'on', but model '{m}' cannot overlap its switches: its 24 GiB of weights and "
+        "any other model's in group 'big' exceed budget_gib 40 together" for m in ("m", "n")]
+
+
+def test_overlap_on_warns_about_a_group_without_budget(tmp_path):
+    path = write(tmp_path, "llmux.yaml", "policy:\n  overlap: on\n" + _M + "    weights_gib: 16\n")
+    (warning,) = [w for w in load_config(path).warnings if "policy.overlap" in w]
+    assert warning == (f"{path}: policy.overlap: 'on', but model 'm' cannot overlap its switches: its group "
+                       "'default' has no budget_gib, so two models' weights never share it")

@@ -523,6 +523,8 @@ class LLMuxService:
                 "wait_estimate_usec": Variant("t", props["WaitEstimateUSec"]),
                 "last_error": Variant("s", props["LastError"]),
                 "last_switch_usec": Variant("t", props["LastSwitchUSec"]),
+                # issue #26: the last switch's phases and "overlapped" or why not
+                "last_switch": Variant("s", one_line(ms.last_switch) if getattr(ms, "last_switch", None) else ""),
             }
             idle_left = getattr(ms, "idle_left_s", None)
             if idle_left is not None:  # counting down to an idle eviction (idle_timeout)

@@ -8,7 +8,7 @@ from typing import Any, Dict, Tuple
 from llmuxd.config.issues import Issues
 from llmuxd.config.placeholders import PLACEHOLDERS, placeholders_in
 from llmuxd.config.schema import Config, ModelConfig
-from llmuxd.eviction import STOP_EVICTION, EvictionError, ProcessStrategy, WeightStrategy, check_engine
+from llmuxd.eviction import STOP_EVICTION, EvictionError, ProcessStrategy, WeightStrategy, check_engine, overlap_problem
 
 
 _MANAGED_FLAGS = {"--port": "port", "--host": "host", "--enable-sleep-mode": "sleep_mode", "--model": "model_path"}
@@ -17,6 +17,33 @@ _MANAGED_FLAGS = {"--port": "port", "--host": "host", "--enable-sleep-mode": "sl
 def _plain_absolute(path: str) -> bool:
     """An absolute path that does not climb with '..' (checkpoint image paths)."""
     return path.startswith("/") and ".." not in path.split("/")
+
+
+def _check_weights(config: Config, name: str, model: Any, group: Any, issues: Issues) -> None:
+    """weights_gib against the budget, and policy.overlap: on against what cannot overlap (issue #26)."""
+    loc = ("models", name, "weights_gib")
+    weights = model.weights_gib
+    if weights is not None and group.budget_gib is not None and weights > group.budget_gib:
+        issues.add(loc, f"{weights:g} GiB of weights is more than the budget_gib {group.budget_gib:g} of group "
+                   f"{model.gpu_group!r} (groups.{model.gpu_group}.budget_gib); lower it or raise the budget")
+    elif weights is not None and model.gpu_memory_gib is not None and weights > model.gpu_memory_gib:
+        issues.add(loc, f"{weights:g} GiB of weights is more than the model's gpu_memory_gib "
+                   f"{model.gpu_memory_gib:g}, which includes them; lower it or raise gpu_memory_gib")
+    if config.policy.overlap != "on":
+        return
+    why = overlap_problem(model.eviction)
+    if why is None and group.budget_gib is None:
+        why = f"its group {model.gpu_group!r} has no budget_gib, so two models' weights never share it"
+    if why is None and weights is None:
+        why = "it has no weights_gib, so the budget at the widest point is unknown"
+    if why is None and weights <= group.budget_gib:  # (above it, the error says so already)
+        peers = [o.weights_gib for n, o in config.models.items()
+                 if n != name and o.gpu_group == model.gpu_group and o.weights_gib is not None]
+        if peers and all(weights + w > group.budget_gib for w in peers):
+            why = (f"its {weights:g} GiB of weights and any other model's in group {model.gpu_group!r} "
+                   f"exceed budget_gib {group.budget_gib:g} together")
+    if why is not None:
+        issues.warn(("policy", "overlap"), f"'on', but model '{name}' cannot overlap its switches: {why}")
 
 
 def check_semantics(config: Config, issues: Issues) -> None:
@@ -38,6 +65,7 @@ def check_semantics(config: Config, issues: Issues) -> None:
                 issues.add(loc + ("gpu_memory_gib",), f"required in group {model.gpu_group!r}, which has budget_gib {group.budget_gib:g}; give the GiB the model needs awake")
             elif model.gpu_memory_gib > group.budget_gib:
                 issues.add(loc + ("gpu_memory_gib",), f"{model.gpu_memory_gib:g} GiB is more than the budget_gib {group.budget_gib:g} of group {model.gpu_group!r}; lower it or raise the budget")
+        _check_weights(config, name, model, group, issues)
         if name in issues.inherited_eviction:
             eviction_loc: Tuple[Any, ...] = ("policy", "eviction")
             used_by = f" (the eviction of model '{name}', which sets none)"

@@ -37,6 +37,9 @@ DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 DEFAULT_STATE_DIR = "/var/lib/llmux"
 DEFAULT_GROUP = "default"
 POLICY_TYPES = ("fifo", "cost_aware", "time_slice")
+#: policy.overlap: auto = overlap a switch's two weight transfers where the plan allows
+#: (llmuxd/switching/overlap.py); on = the same, and check-config warns about models that cannot
+OVERLAP_MODES = ("auto", "on", "off")
 #: where verified eviction reads a backend's GPU memory (llmuxd/checkpoint/gpu_probe.py):
 #: auto = NVML when pynvml and a driver answer, else nvidia-smi when it works, else none;
 #: ledger = the simulator's JSON ledger named by the model's LLMUX_SIM_GPU_LEDGER (tests, demos)
@@ -111,6 +114,8 @@ class PolicyConfig(StrictModel):
     #: the idle_timeout of models that set none (llama-swap's ttl, Ollama's keep_alive);
     #: 0: never evict a model for being idle
     idle_timeout: Duration = 0.0
+    #: auto | on | off: let the next model's weights come in while the last one's go out
+    overlap: Str = "auto"
 
     @pyd.validator("type")
     def _known_type(cls, v: str) -> str:  # noqa: N805
@@ -121,6 +126,14 @@ class PolicyConfig(StrictModel):
     @pyd.validator("eviction", pre=True)
     def _parse_eviction(cls, v: Any) -> Eviction:  # noqa: N805
         return Eviction.parse(v)
+
+    @pyd.validator("overlap", pre=True)
+    def _known_overlap(cls, v: Any) -> str:  # noqa: N805
+        if isinstance(v, bool):  # YAML 1.1 reads a bare on/off as a boolean
+            v = "on" if v else "off"
+        if v not in OVERLAP_MODES:
+            raise ValueError(f"unknown overlap mode {v!r}; allowed: {', '.join(OVERLAP_MODES)}")
+        return v
 
 
 class ModelConfig(StrictModel):
@@ -136,6 +149,8 @@ class ModelConfig(StrictModel):
     env: Dict[str, Str] = {}
     gpu_group: NonEmptyStr = DEFAULT_GROUP
     gpu_memory_gib: Optional[PositiveNumber] = None
+    #: the GiB of its weights (part of gpu_memory_gib): what an overlapped switch moves
+    weights_gib: Optional[PositiveNumber] = None
     gpus: List[GpuIndex] = []
     checkpoint_path: Optional[NonEmptyStr] = None
     startup_timeout: PositiveDuration = 600.0

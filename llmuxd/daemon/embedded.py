@@ -60,6 +60,9 @@ def describe_switch(event: Any) -> str | None:
         return f"switch {src} -> {dst} skipped: its requests were served or timed out"
     phases = ", ".join(f"{k} {v:.2f}s" for k, v in (event.phases or {}).items() if v >= 0.005)
     detail = f" ({phases})" if phases else ""
+    overlap = getattr(event, "overlap", None)
+    if overlap:
+        detail += "; overlapped" if overlap == "overlapped" else f"; sequential: {overlap}"
     if event.ok:
         note = "; drain timed out, requests were cut" if getattr(event, "drain_timed_out", False) else ""
         return f"switch {src} -> {dst} ok in {event.duration:.2f}s{detail}{note}"

@@ -71,3 +71,18 @@ def _error_message(body: str) -> str:
             return str(data["detail"])[:300]
     text = body.strip().replace("\n", " ")
     return text[:300] or "(empty body)"
+
+
+#: statuses with which a server says it lacks a route or an operation
+_REFUSING_STATUSES = (404, 405, 501)
+
+
+def refusal(exc: BaseException) -> str | None:
+    """Why the backend refused an operation for good ("not supported", a route
+    it does not have), or None for a failure that may pass (timeout, crash,
+    an ordinary 500). A refusal is learned per model; a failure is not."""
+    if not isinstance(exc, BackendHTTPError):
+        return None
+    if exc.status in _REFUSING_STATUSES or "not supported" in exc.detail.lower():
+        return f"{exc.operation or 'the call'} answered HTTP {exc.status}: {exc.detail}"
+    return None

@@ -109,6 +109,7 @@ class OpenAIClient:
         timeout: float,
         params: Sequence[tuple[str, str]] | None = None,
         body: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
     ) -> tuple[int, str]:
         """One HTTP call; returns (status, text) for a 2xx, raises otherwise."""
         url = self.base_url + path
@@ -118,6 +119,7 @@ class OpenAIClient:
                 url,
                 params=list(params) if params else None,
                 json=body,
+                headers=headers,
                 timeout=aiohttp.ClientTimeout(total=max(0.001, timeout)),
             ) as resp:
                 text = await resp.text()

@@ -66,6 +66,17 @@ class VllmClient(OpenAIClient):
                                 timeout=self.timeouts.wake, params=params)
         return data or {"status": "awake", "tags": list(tags) if tags else None}
 
+    async def release_kv_cache_memory(self) -> None:
+        """`POST /release_kv_cache_memory`: free the KV cache of an engine
+        paused by `sleep(0)` (vLLM 0.32; 500 "requires a completed pause first"
+        otherwise). vLLM on the CPU refuses it with 500 "Selective discard is
+        not supported on CPU" (`refusal()` in llmuxd/engine/errors.py tells).
+        Sent on a connection of its own: real vLLM answers that refusal from an
+        unhandled exception, after which uvicorn drops the connection, and a
+        pooled one would fail the next call (the sleep) with "connection reset"."""
+        await self._call("POST", "/release_kv_cache_memory", operation="release_kv_cache_memory",
+                         timeout=self.timeouts.sleep, headers={"Connection": "close"})
+
     async def is_sleeping(self) -> bool:
         data = await self._json("GET", "/is_sleeping", operation="is_sleeping",
                                 timeout=self.timeouts.is_sleeping)

@@ -20,6 +20,7 @@ from typing import Any, AsyncIterator, Callable
 
 from llmuxd.sim.device import DeviceOutOfMemory, DeviceState, import_torch
 from llmuxd.sim.ledger import GpuLedger, GpuOutOfMemory
+from llmuxd.sim.link import D2H, H2D, HostLink
 from llmuxd.sim.settings import SimSettings
 from llmuxd.sim.weights import ensure_weights_file, read_weights
 
@@ -30,8 +31,10 @@ WEIGHTS_SHARE = 0.6
 GARBAGE_MARK = "\ufffdgarbage"
 
 FAULT_KINDS = (
-    "fail_sleep",  # /sleep answers 500
+    "fail_sleep",  # /sleep (level 1 or 2) answers 500
     "fail_wake",  # /wake_up answers 500
+    "fail_wake_midway",  # a weights wake reserves its memory, copies half, then answers 500 (leaks: vLLM PR #34600)
+    "fail_release",  # /release_kv_cache_memory answers 500
     "hang_sleep",  # /sleep never answers (until the fault is cleared)
     "fail_reload",  # collective_rpc reload_weights answers 500
     "wrong_reload",  # reload_weights answers 200 but brings back the wrong bytes
@@ -126,12 +129,17 @@ class SimCore:
             GpuLedger(settings.gpu_ledger, settings.gpu_capacity_mb) if settings.gpu_ledger else None
         )
         self.gpu_reserved_mb = 0
+        link_dir = os.environ.get("LLMUX_SIM_LINK_DIR") or (
+            settings.gpu_ledger + ".link" if settings.gpu_ledger else None)
+        self.link = HostLink(settings.h2d_gbps, settings.d2h_gbps, link_dir)
+        #: the level the weights went to sleep with (1 offloaded, 2 discarded), None while on the GPU
+        self.weights_level: int | None = None
         # faults and history
         self.faults: dict[str, Fault] = {}
         self._hang_release = asyncio.Event()
         self.calls: list[dict[str, Any]] = []
         self.rpc_history: list[dict[str, Any]] = []
-        self.op_durations: dict[str, list[float]] = {"sleep": [], "wake": []}
+        self.op_durations: dict[str, list[float]] = {"sleep": [], "wake": [], "release_kv_cache_memory": []}
         self.prefix_cache_resets = 0
         self.worker_pids: list[int] = []
 
@@ -257,22 +265,39 @@ class SimCore:
     @property
     def sleep_state(self) -> str:
         """vllm:engine_sleep_state's label."""
-        if not self.sleeping_tags:
+        if "weights" not in self.sleeping_tags:
             return "awake"
-        return "weights_offloaded" if self.sleep_level == 1 else "discard_all"
+        return "weights_offloaded" if self.weights_level == 1 else "discard_all"
 
     def _gpu_target_mb(self) -> int:
         need = self.s.gpu_mb
         if not self.sleeping_tags:
             return need
         residue = min(self.s.gpu_residue_mb, need)
-        rest = need - residue
+        weights = self.gpu_weights_mb
         mb = residue
         if "weights" not in self.sleeping_tags:
-            mb += int(rest * WEIGHTS_SHARE)
+            mb += weights
         if "kv_cache" not in self.sleeping_tags:
-            mb += rest - int(rest * WEIGHTS_SHARE)
+            mb += need - residue - weights
         return mb
+
+    @property
+    def gpu_weights_mb(self) -> int:
+        """The weights' part of the GPU need (LLMUX_SIM_GPU_WEIGHTS_MB, else a share of it)."""
+        need = self.s.gpu_mb
+        rest = need - min(self.s.gpu_residue_mb, need)
+        if self.s.gpu_weights_mb is not None:
+            return max(0, min(self.s.gpu_weights_mb, rest))
+        return int(rest * WEIGHTS_SHARE)
+
+    @property
+    def transfer_bytes(self) -> int:
+        """What crosses the host link when the weights move: the device tensors'
+        size with --device, else the weights' part of the ledger reservation."""
+        if self.device is not None:
+            return self.device.weights_bytes
+        return self.gpu_weights_mb << 20
 
     def _set_gpu(self, mb: int) -> None:
         if self.ledger is None or self.s.gpu_mb <= 0:
@@ -283,7 +308,7 @@ class SimCore:
     async def sleep(self, level: int, mode: str) -> None:
         async with self._sleep_lock:
             t0 = time.monotonic()
-            if self.take_fault("fail_sleep"):
+            if level >= 1 and self.take_fault("fail_sleep"):  # a level-0 pause moves nothing
                 raise SimError(500, "Call to sleep method failed: simulated sleep failure (fault fail_sleep)")
             if self.take_fault("hang_sleep"):
                 self._hang_release.clear()
@@ -297,21 +322,60 @@ class SimCore:
                     req.abort_evt.set()
             self.scheduler_paused = True
             self._running_evt.clear()
-            if level >= 1 and not self.sleeping_tags:
+            if level >= 1 and "weights" not in self.sleeping_tags:
+                # the executor sleeps once: weights offloaded (a copy to the host) or
+                # discarded, and the KV cache (if a release has not freed it already)
                 if self.s.sleep_time > 0:
                     await asyncio.sleep(self.s.sleep_time * level)
+                keeps = self.take_fault("sleep_keeps_memory") is not None
+                if level == 1 and not keeps:
+                    await self._moving(D2H, self._device_sleep(level) if self.device is not None else None)
+                elif self.device is not None and not keeps:
+                    await self._on_device(self._device_sleep(level))
                 self.sleeping_tags = set(EXECUTOR_TAGS)
                 self.sleep_level = level
+                self.weights_level = level
                 if level >= 2:
                     self.weights = None  # discarded; wake gets fresh (garbage) memory
-                if self.take_fault("sleep_keeps_memory") is None:
-                    if self.device is not None:
-                        await self._on_device(self._device_sleep(level))
-                    else:
-                        self._set_gpu(self._gpu_target_mb())
-            elif self.sleep_level is None:
+                if not keeps and self.device is None:
+                    self._set_gpu(self._gpu_target_mb())  # freed once the copy is done
+            elif self.sleep_level is None or level > self.sleep_level and "weights" not in self.sleeping_tags:
                 self.sleep_level = level
             self.op_durations["sleep"].append(time.monotonic() - t0)
+
+    async def _moving(self, direction: str, device_copy: Callable[[], None] | None) -> None:
+        """Move the weights across the host link: the paced transfer, and with
+        --device the real copy beside it (the slower of the two sets the time)."""
+        paced = self.link.transfer(direction, self.transfer_bytes)
+        if device_copy is None:
+            await paced
+        else:
+            await asyncio.gather(self._on_device(device_copy), paced)
+
+    async def release_kv_cache_memory(self) -> None:
+        """vLLM 0.32's `/release_kv_cache_memory`: free the KV cache of a paused
+        engine (after `/sleep?level=0`), so another model's weights may come in
+        while this one's go out. The CPU worker refuses it."""
+        async with self._sleep_lock:
+            t0 = time.monotonic()
+            if not self.scheduler_paused:
+                raise SimError(500, "Call to release_kv_cache_memory method failed: "
+                                    "release_kv_cache_memory() requires a completed pause first")
+            if not self.s.selective_discard:
+                raise SimError(500, "Call to release_kv_cache_memory method failed: Worker failed with "
+                                    "error 'Selective discard is not supported on CPU.', please check the "
+                                    "stack trace above for the root cause")
+            if self.take_fault("fail_release"):
+                raise SimError(500, "Call to release_kv_cache_memory method failed: simulated failure "
+                                    "(fault fail_release)")
+            if "kv_cache" not in self.sleeping_tags:
+                self.sleeping_tags.add("kv_cache")
+                if self.device is not None:
+                    device = self.device
+                    await self._on_device(device.free_kv)
+                else:
+                    self._set_gpu(self._gpu_target_mb())
+            self.op_durations["release_kv_cache_memory"].append(time.monotonic() - t0)
 
     def _device_sleep(self, level: int) -> Callable[[], None]:
         device = self.device
@@ -358,20 +422,32 @@ class SimCore:
                 old = self.sleeping_tags
                 self.sleeping_tags = remaining
                 try:
+                    if self.device is None:
+                        self._set_gpu(self._gpu_target_mb())  # reserved before the copy: in transit counts
+                    copy_in = "weights" in woke and self.weights_level == 1
+                    if "weights" in woke and self.take_fault("fail_wake_midway"):
+                        await self.link.transfer(H2D, self.transfer_bytes // 2)
+                        raise SimError(500, "Call to wake_up method failed: simulated failure halfway "
+                                            "through the weights (fault fail_wake_midway)")
                     if self.device is not None:
-                        await self._device_wake(woke)
-                    else:
-                        self._set_gpu(self._gpu_target_mb())
+                        if copy_in:
+                            await asyncio.gather(self._device_wake(woke), self.link.transfer(H2D, self.transfer_bytes))
+                        else:
+                            await self._device_wake(woke)
+                    elif copy_in:
+                        await self.link.transfer(H2D, self.transfer_bytes)
                 except GpuOutOfMemory as exc:
                     self.sleeping_tags = old
                     raise SimError(500, f"Call to wake_up method failed: {exc}") from None
                 except SimError:
                     self.sleeping_tags = old
                     raise
+                if "weights" in woke:
+                    level, self.weights_level = self.weights_level, None
+                    if level == 2:
+                        self.weights_valid = False  # vLLM #29341: needs reload_weights
                 if "weights" in woke and self.weights is None and self.s.weights_mb > 0 and self.device is None:
                     self.weights = bytearray(self.s.weights_mb << 20)  # fresh, not loaded
-                if "weights" in woke and self.sleep_level == 2:
-                    self.weights_valid = False  # vLLM #29341: needs reload_weights
             if tags is None or "scheduling" in (tags or []) or (woke and not self.sleeping_tags):
                 if not self.sleeping_tags:
                     self.scheduler_paused = False
@@ -402,13 +478,16 @@ class SimCore:
                 raise SimError(500, "Call to collective_rpc method failed: reload_weights needs the "
                                     "weights awake; call /wake_up?tags=weights first")
             wrong = self.take_fault("wrong_reload") is not None
+            paced = self.link.transfer(H2D, self.transfer_bytes)  # the weights come back over the link
             if self.device is not None:
                 device = self.device
-                await self._on_device(lambda: device.reload(corrupt=wrong))
+                await asyncio.gather(self._on_device(lambda: device.reload(corrupt=wrong)), paced)
             elif self.weights_path is not None:
-                self.weights = await asyncio.get_running_loop().run_in_executor(
+                self.weights = (await asyncio.gather(asyncio.get_running_loop().run_in_executor(
                     None, read_weights, self.weights_path, self.weights, self.s.drop_cache
-                )
+                ), paced))[0]
+            else:
+                await paced
             # without --device no answer reads the bytes: a wrong reload shows as garbage
             self.weights_valid = not (wrong and self.device is None)
             return None
@@ -544,6 +623,7 @@ class SimCore:
             "pid": os.getpid(),
             "is_sleeping": self.is_sleeping,
             "sleep_level": self.sleep_level,
+            "weights_level": self.weights_level,
             "sleeping_tags": sorted(self.sleeping_tags),
             "scheduler_paused": self.scheduler_paused,
             "sleep_state": self.sleep_state,

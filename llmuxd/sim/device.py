@@ -16,6 +16,12 @@ on the CPU):
   weights checksum, which the answer carries, so a wake that brought back the
   wrong bytes gives a different answer and the post-wake canary catches it.
 
+A weights-out of one model and a weights-in of another (an overlapped switch,
+issue #26) are copies in two simulator processes, so in two CUDA contexts with
+streams of their own: they run at once, as two vLLM servers' copies do. The
+host link's pacing (`--h2d-gbps`/`--d2h-gbps`, llmuxd/sim/link.py) runs beside
+the real copy; the slower of the two sets the time.
+
 torch is optional (`pip install 'llmux[torch]'`); only this module imports it.
 """
 

@@ -32,7 +32,8 @@ because the port is bound only once "loaded"), `/version`, `/ping`, `/load`, `/v
 `/tokenize`, `/detokenize`, `/v1/completions`, `/v1/chat/completions` (JSON and SSE),
 `/v1/embeddings`, `/metrics`; vLLM's error envelope `{"error":{message,type,param,code}}` and
 FastAPI's `404 {"detail":"Not Found"}`. Dev routes exist only with `VLLM_SERVER_DEV_MODE=1`:
-`/sleep?level=0..2&mode=abort|wait|keep`, `/wake_up?tags=...`, `/is_sleeping`, `/pause`,
+`/sleep?level=0..2&mode=abort|wait|keep`, `/wake_up?tags=...`, `/is_sleeping`,
+`/release_kv_cache_memory` (only after `/sleep?level=0`, else 500 as vLLM), `/pause`,
 `/resume`, `/is_paused`, `/reset_prefix_cache`, `/reset_mm_cache`, `/collective_rpc`,
 `/server_info`. Requests that arrive while asleep are held until wake, not rejected.
 
@@ -65,7 +66,17 @@ LLMUX_SIM_GPU_RESIDUE_MB       what a sleeping process keeps (CUDA context; defa
 LLMUX_SIM_TP                   tensor-parallel size when no -tp flag is given (default 1)
 LLMUX_SIM_TERM_HANG            1 = ignore SIGTERM entirely (for SIGKILL escalation tests)
 LLMUX_SIM_EMBED_DIM            embedding size (default 384)
-LLMUX_SIM_PLATFORM             cpu = reject --enable-sleep-mode at start like vLLM on CPU
+LLMUX_SIM_PLATFORM             cpu = reject --enable-sleep-mode at start and answer
+                               /release_kv_cache_memory with 500 "Selective discard is not
+                               supported on CPU", like vLLM on CPU
+LLMUX_SIM_SELECTIVE_DISCARD    0 = only the /release_kv_cache_memory refusal of the CPU
+LLMUX_SIM_H2D_GBPS, _D2H_GBPS  host link GB/s each way (or --h2d-gbps/--d2h-gbps): a level-1
+                               sleep copies the weights out, their wake and reload_weights copy
+                               them in; each way is independent, the same way is shared by
+                               every simulator on the host (llmuxd/sim/link.py; default 0 = free)
+LLMUX_SIM_GPU_WEIGHTS_MB       the weights' part of LLMUX_SIM_GPU_MB (default 60 % above the
+                               residue); the KV cache is the rest. It is what crosses the link
+LLMUX_SIM_LINK_DIR             where running transfers are marked (default: the ledger + .link)
 LLMUX_SIM_LEGACY_503           1 = answer inference with 503 while asleep (old vLLM and its docs)
 LLMUX_SIM_WORKERS              N child processes named VLLM::EngineCore / VLLM::Worker_TPi, in
                                the same process group, like vLLM's process tree (default 0).
@@ -77,7 +88,9 @@ Fault injection (always mounted, not part of vLLM):
 
 - `POST /sim/fault {"kind": K, "count": N, "seconds": S}` arms a fault. `count` is how many
   times it fires (default 1; -1 = until cleared; 0 = clear). Kinds: `fail_sleep` and
-  `fail_wake` (HTTP 500), `hang_sleep` (/sleep never answers until cleared), `fail_reload`
+  `fail_wake` (HTTP 500), `fail_wake_midway` (a weights wake reserves its memory, copies half,
+  then answers 500 and keeps the memory, vLLM PR #34600), `fail_release`
+  (`/release_kv_cache_memory` 500), `hang_sleep` (/sleep never answers until cleared), `fail_reload`
   (`reload_weights` 500), `wrong_reload` (`reload_weights` answers 200 but brings back the wrong
   bytes: with `--device` the first MiB is zeroed, so the checksum and the answer change; without
   it the answers are garbage), `sleep_keeps_memory` (sleep answers 200 but keeps its GPU
@@ -712,6 +725,18 @@ async def wake_up(request: web.Request) -> web.Response:
     return web.json_response({"status": status, "tags": tags})
 
 
+async def release_kv_cache_memory(request: web.Request) -> web.Response:
+    core = _core(request)
+    log("release_kv_cache_memory")
+    try:
+        await core.release_kv_cache_memory()
+    except SimError as exc:
+        log(f"release_kv_cache_memory failed: {exc.message}")
+        return error_response(exc.status, exc.message, exc.type)
+    log(f"kv cache released: tags_asleep={sorted(core.sleeping_tags)} gpu_reserved_mb={core.gpu_reserved_mb}")
+    return web.Response(status=200)
+
+
 async def is_sleeping(request: web.Request) -> web.Response:
     return web.json_response({"is_sleeping": _core(request).is_sleeping})
 
@@ -842,6 +867,7 @@ def build_app(core: SimCore) -> web.Application:
         r.add_post("/sleep", sleep)
         r.add_post("/wake_up", wake_up)
         r.add_get("/is_sleeping", is_sleeping)
+        r.add_post("/release_kv_cache_memory", release_kv_cache_memory)
         r.add_post("/pause", pause)
         r.add_post("/resume", resume)
         r.add_get("/is_paused", is_paused)

@@ -79,6 +79,13 @@ class SimSettings:
     gpu_memory_utilization: float = 0.9
     #: --sim-kv-cache-gib: the KV cache size, overriding how vLLM would size it
     kv_cache_gib: float | None = None
+    #: host link bandwidth in GB/s each way (0: transfers take no time; llmuxd/sim/link.py)
+    h2d_gbps: float = 0.0
+    d2h_gbps: float = 0.0
+    #: the weights' share of gpu_mb in the ledger (None: 60 % of what is above the residue)
+    gpu_weights_mb: int | None = None
+    #: False: /release_kv_cache_memory answers 500 like vLLM on the CPU (LLMUX_SIM_PLATFORM=cpu)
+    selective_discard: bool = True
     ignored_flags: list[str] = field(default_factory=list)
 
     @property
@@ -88,14 +95,16 @@ class SimSettings:
 
 _VALUE_FLAGS = {"--model", "--port", "--host", "--max-model-len", "--tensor-parallel-size", "-tp",
                 "--shutdown-timeout", "--max-num-seqs", "--gpu-memory-utilization", "--device",
-                "--sim-weights-gib", "--sim-kv-cache-gib"}
+                "--sim-weights-gib", "--sim-kv-cache-gib",
+                "--h2d-gbps", "--d2h-gbps"}
 DEVICES = ("cuda", "cpu")
 
 USAGE = (
     "usage: llmux-vllm-sim serve MODEL [--port P] [--host H] [--served-model-name NAME ...]\n"
     "       llmux-vllm-sim --model MODEL [--port P] ...   (other vLLM flags are accepted and ignored)\n"
     "       --device cuda|cpu [--sim-weights-gib G] [--gpu-memory-utilization U] [--sim-kv-cache-gib K]\n"
-    "                         weights and KV cache as real torch tensors (needs llmux[torch])"
+    "                         weights and KV cache as real torch tensors (needs llmux[torch])\n"
+    "       --h2d-gbps G --d2h-gbps G  host link bandwidth each way (weights cross it on sleep/wake)"
 )
 
 
@@ -185,6 +194,11 @@ def parse_args(argv: list[str]) -> SimSettings:
     if device is not None and weights_mb <= 0:
         weights_mb = DEFAULT_DEVICE_WEIGHTS_MB
     kv_gib = num("--sim-kv-cache-gib", -1.0, float)
+    h2d = num("--h2d-gbps", _env_float("LLMUX_SIM_H2D_GBPS", 0.0), float)
+    d2h = num("--d2h-gbps", _env_float("LLMUX_SIM_D2H_GBPS", 0.0), float)
+    if h2d < 0 or d2h < 0:
+        raise SystemExit(f"llmux-vllm-sim: --h2d-gbps and --d2h-gbps must not be negative\n{USAGE}")
+    platform = env.get("LLMUX_SIM_PLATFORM", "cuda")
     tp = num("--tensor-parallel-size", 0) or num("-tp", 0) or _env_int("LLMUX_SIM_TP", 1)
     return SimSettings(
         model=model,
@@ -212,11 +226,15 @@ def parse_args(argv: list[str]) -> SimSettings:
         gpu_residue_mb=_env_int("LLMUX_SIM_GPU_RESIDUE_MB", 500),
         term_hang=env.get("LLMUX_SIM_TERM_HANG", "") == "1",
         embed_dim=_env_int("LLMUX_SIM_EMBED_DIM", 384),
-        platform=env.get("LLMUX_SIM_PLATFORM", "cuda"),
+        platform=platform,
         legacy_503=env.get("LLMUX_SIM_LEGACY_503", "") == "1",
         workers=max(0, _env_int("LLMUX_SIM_WORKERS", 0)),
         device=device,
         gpu_memory_utilization=utilization,
         kv_cache_gib=kv_gib if kv_gib >= 0 else None,
+        h2d_gbps=h2d,
+        d2h_gbps=d2h,
+        gpu_weights_mb=_env_int("LLMUX_SIM_GPU_WEIGHTS_MB", 0) or None,
+        selective_discard=platform != "cpu" and env.get("LLMUX_SIM_SELECTIVE_DISCARD", "1") != "0",
         ignored_flags=ignored,
     )

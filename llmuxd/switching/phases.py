@@ -17,6 +17,8 @@ from llmuxd.events import SwitchFinished, SwitchStarted
 from llmuxd.eviction import Eviction
 from llmuxd.lifecycle import Backends, BackendState
 from llmuxd.policies import Policy, SwitchCosts
+from llmuxd.switching.overlap import switch_summary
+from llmuxd.switching.overlap_phases import OverlapPhases
 from llmuxd.switching.state import GroupRuntime, ModelRuntime, ModelState
 
 log = logging.getLogger("llmuxd.switcher")
@@ -25,7 +27,7 @@ log = logging.getLogger("llmuxd.switcher")
 WARM_STATES = (BackendState.SLEEPING, BackendState.READY)
 
 
-class SwitchPhases:
+class SwitchPhases(OverlapPhases):
     """Runs switches for `Switcher`; every backend failure is handled here, never raised."""
 
     _config: Any
@@ -60,6 +62,7 @@ class SwitchPhases:
         self._emit(SwitchStarted(g.name, from_name, to_name))
         phases: Dict[str, float] = {}
         failure: Optional[LLMuxError] = None
+        overlap: Optional[str] = None  # "overlapped" or why not (issue #26)
         ok = False
         skipped = False
         drain_timed_out = False
@@ -100,8 +103,11 @@ class SwitchPhases:
                         self._grant_all(v)
                 skipped = True
                 return None
+            plan = self._overlap_plan(g, victims, target, eviction, stop)
+            overlapped = plan is not None and plan.overlap
+            overlap = plan.reason if plan is not None else None
             t = self._clock()
-            for v in victims:
+            for v in victims if not overlapped else ():
                 if not v.awake:
                     continue
                 self._set_state(v, ModelState.EVICTING)
@@ -113,14 +119,19 @@ class SwitchPhases:
                     g.awake.remove(v)
                 v.activated_at = None
                 self._set_state(v, ModelState.ASLEEP)
-            if victims:
+            if victims and not overlapped:
                 phases["sleep"] = self._clock() - t
             if target is None:
                 ok = True
                 return None
             t = self._clock()
-            failure = await self._wake(g, target)
-            phases["wake"] = self._clock() - t
+            if overlapped:
+                failure, cost, fell_back = await self._overlapped(g, victims, target, eviction, phases)
+                overlap = fell_back or overlap
+            else:
+                failure = await self._wake(g, target)
+                phases["wake"] = self._clock() - t
+                cost = phases.get("sleep", 0.0) + phases["wake"]
             if failure is not None:
                 return failure
             now = self._clock()
@@ -131,7 +142,7 @@ class SwitchPhases:
             g.awake.append(target)
             g.last_failure = None
             primary = victims[0].name if victims else None
-            self._costs.record(primary, target.name, phases.get("sleep", 0.0) + phases["wake"])
+            self._costs.record(primary, target.name, cost)
             try:
                 self._policy.on_switch_complete(primary, target.name, now - start)
             except Exception:  # noqa: BLE001
@@ -143,11 +154,13 @@ class SwitchPhases:
         finally:
             g.switching = None
             g.switch_started_at = None
+            if target is not None and not skipped:
+                target.last_switch = switch_summary(self._clock() - start, phases, overlap, ok)
             self._emit(
                 SwitchFinished(
                     g.name, from_name, to_name, ok=ok, duration=self._clock() - start, phases=phases,
                     error=(str(failure) if failure else ("skipped: no request waits for it any more" if skipped else None)),
-                    drain_timed_out=drain_timed_out, skipped=skipped,
+                    drain_timed_out=drain_timed_out, skipped=skipped, overlap=overlap,
                 )
             )
 
@@ -200,6 +213,11 @@ class SwitchPhases:
         except Exception as exc:  # noqa: BLE001
             phase = getattr(exc, "phase", phase)
             reason = _reason(exc, f"not ready within {timeout:.0f}s")
+        return await self._wake_failed(g, target, phase, reason)
+
+    async def _wake_failed(self, g: GroupRuntime, target: ModelRuntime, phase: str, reason: str) -> SwitchFailed:
+        """A wake (or part of one) failed: stop the target, back off, fail its waiters (I5)."""
+        pc = self._config.policy
         log.error("switch to '%s' failed to %s: %s; stopping it", target.name, phase, reason)
         await self._stop_quietly(target.name)
         g.last_failure = self._clock()

@@ -80,6 +80,10 @@ class ModelRuntime:
     removed: bool = False
     #: leases at once (config max_concurrency; None: no limit): llmuxd/switching/concurrency.py
     max_concurrency: Optional[int] = None
+    #: why its engine refused a partial sleep/wake step (learned; it then switches sequentially)
+    overlap_refused: Optional[str] = None
+    #: the last switch to it, for status pages: its phases and "overlapped" or why not
+    last_switch: Optional[str] = None
 
     @property
     def awake(self) -> bool:
@@ -239,6 +243,8 @@ class ModelStatus:
     #: while the model sleeps: how its sleep was verified, or why it was not (verified eviction:
     #: "sleep not verified: could not see the backend's memory (...)", "sleep verified device-level: ...")
     sleep_check: Optional[str] = None
+    #: the last switch to this model: "overlapped 0.80s: pause 0.01s, ..." or "sequential (budget: ...) ..."
+    last_switch: Optional[str] = None
 
 
 @dataclass(frozen=True)

@@ -587,7 +587,7 @@ class Watcher:
     """
 
     def __init__(self, daemon: Daemon, session: aiohttp.ClientSession, *, max_awake: int = 1,
-                 interval: float = WATCH_INTERVAL):
+                 interval: float = WATCH_INTERVAL, budget: bool = False):
         self.daemon = daemon
         self.session = session
         self.max_awake = max_awake
@@ -607,6 +607,13 @@ class Watcher:
         self._lock = threading.Lock()  # violations come from the thread and the loop
         self._groups = {name: m.get("gpu_group", "default") for name, m in daemon.config["models"].items()}
         self._ports = {name: m["port"] for name, m in daemon.config["models"].items()}
+        #: budget mode (overlapped switches, issue #26): instead of counting awake models,
+        #: what a group's models hold on the GPU, resident and in transit, must fit its
+        #: budget_gib at every sample (each model's CUDA residue aside: the budget is
+        #: the models' own memory). None: count awake models (max_awake)
+        self._budget_mb = ({g: float(c["budget_gib"]) * 1024 for g, c in (daemon.config.get("groups") or {}).items()
+                            if c and c.get("budget_gib")} if budget else None)
+        self.peak_group_mb = 0  # the most a group held at one sample, in budget mode
 
     def _violation(self, text: str) -> None:
         with self._lock:
@@ -684,14 +691,29 @@ class Watcher:
         if snap["used_mb"] > snap["capacity_mb"]:
             self._violation(f"I1: GPU ledger over capacity: {snap['used_mb']} > {snap['capacity_mb']} MB")
         awake: dict[str, list[str]] = {}
+        held: dict[str, dict[str, int]] = {}
         for pid, mb in snap["by_pid"].items():
             model = snap["models"].get(pid, "")
             if mb > RESIDUE_MB and model in self._groups:
                 awake.setdefault(self._groups[model], []).append(model)
+                held.setdefault(self._groups[model], {})[model] = mb - RESIDUE_MB
+        if self._budget_mb is not None:
+            self._check_budget(held, awake)
+            return
         for group, names in awake.items():
             self.peak_awake = max(self.peak_awake, len(names))
             if len(names) > self.max_awake:
                 self._violation(f"I1: {len(names)} models hold full GPU memory in group {group}: {sorted(names)}")
+
+    def _check_budget(self, held: dict[str, dict[str, int]], awake: dict[str, list[str]]) -> None:
+        for group, models in held.items():
+            total = sum(models.values())
+            self.peak_group_mb = max(self.peak_group_mb, total)
+            self.peak_awake = max(self.peak_awake, len(awake.get(group, [])))
+            budget = (self._budget_mb or {}).get(group)
+            if budget is not None and total > budget:
+                self._violation(f"budget: group {group} holds {total} MB resident and in transit "
+                                f"{dict(sorted(models.items()))} > its budget {budget:.0f} MB")
 
     async def check_daemon(self) -> None:
         """I1 as the daemon tells it: models awake (or getting/leaving there) per group."""
@@ -706,7 +728,8 @@ class Watcher:
         for m in data["data"]:
             st = m["llmux"]
             flight += int(st.get("in_flight") or 0)
-            if st["state"] in ("active", "draining", "evicting", "waking"):
+            serving = ("active", "draining") if self._budget_mb is not None else ("active", "draining", "evicting", "waking")
+            if st["state"] in serving:
                 on_gpu.setdefault(st.get("group") or "default", []).append(m["id"])
         self.max_in_flight = max(self.max_in_flight, flight)
         for group, names in on_gpu.items():
@@ -764,6 +787,7 @@ class Report:
     samples: int
     max_in_flight: int
     peak_awake: int = 0
+    peak_group_mb: int = 0  # budget mode: the most one group held at a sample
     watched_s: float = 0.0  # how long the watcher ran
     interval: float = WATCH_INTERVAL  # its ledger period
 
@@ -805,14 +829,14 @@ def mixed(models: list[str], n: int, seed: int, *, max_tokens: tuple[int, int] =
 
 
 async def run_scenario(daemon: Daemon, scenario: Scenario, *, max_awake: int = 1,
-                       settle: bool = True) -> Report:
+                       settle: bool = True, budget: bool = False) -> Report:
     """Fire the waves, watch invariants meanwhile, then check leases and counts."""
     deadline = REQUEST_TIMEOUT + LOST_GRACE
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     async with aiohttp.ClientSession(connector=connector,
                                      timeout=aiohttp.ClientTimeout(total=None)) as session:
         before = requests_counted(await _get_text(session, daemon.base + "/metrics"))
-        watcher = Watcher(daemon, session, max_awake=max_awake)
+        watcher = Watcher(daemon, session, max_awake=max_awake, budget=budget)
         watcher.start()
         done: dict[str, asyncio.Event] = {w.name: asyncio.Event() for w in scenario.waves if w.name}
         outcomes: list[Outcome] = []
@@ -838,7 +862,7 @@ async def run_scenario(daemon: Daemon, scenario: Scenario, *, max_awake: int = 1
         finally:
             await watcher.stop()
     return Report(scenario.name, outcomes, watcher.violations, watcher.samples, watcher.max_in_flight,
-                  watcher.peak_awake, watcher.watched_s, watcher.interval)
+                  watcher.peak_awake, watcher.peak_group_mb, watcher.watched_s, watcher.interval)
 
 
 async def _get_text(session: aiohttp.ClientSession, url: str) -> str:
