@@ -258,17 +258,17 @@ class DaemonCore:
                 await self.switcher.sleep_model(name)
                 log.info("warm-up: %s ready and asleep (%s)", name, self.switcher.eviction_for(name))
 
-    async def reload(self, config: Any, keys: list | None = None) -> None:
+    async def reload(self, config: Any, api_keys: list | None = None) -> None:
         """Apply a new, already validated config: backends whose launch
         settings changed are put away (they start again on their next
         request), then the backends, the switcher (adds models, drains and
         stops removed ones) and the front end (request_timeout,
         max_body_bytes, /v1/models) take it. The listen address is not
-        re-bound; changing it needs a restart. `keys` (else read for `config`)
+        re-bound; changing it needs a restart. `api_keys` (else read for `config`)
         replace the API keys last: requests admitted under a revoked key finish."""
         old = self.config
-        if keys is None:
-            keys = load_keys(config)  # a bad key file raises here, before any change
+        if api_keys is None:
+            api_keys = load_keys(config)  # a bad key file raises here, before any change
         log_config_warnings(config)
         for key in ("listen", "metrics_port"):
             if getattr(old, key, None) != getattr(config, key, None):
@@ -294,7 +294,7 @@ class DaemonCore:
                 log.info("model %s is no longer configured: its checkpoint images were deleted", name)
         self.config = config
         self.frontend.reload(config)
-        self._use_keys(keys)
+        self._use_keys(api_keys)
 
     async def _refuse_waiters(self, app: Any) -> None:
         """HTTP's drain is over with requests still waiting for a model: they
@@ -395,7 +395,7 @@ class EmbeddedDaemon:
         # every caller is this daemon's own user: no polkit, nothing to ask.
         self.service = await export_service(self.bus, self.core.switcher, reload=self.reload,
                                             version=self.core.version, authorizer=AllowAll(),
-                                            unit_names=False)
+                                            unit_names=False, key_usage=self.core.keys.usage)
         try:
             await self.service.request_name()
         except RuntimeError as exc:

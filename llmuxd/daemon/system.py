@@ -206,7 +206,8 @@ class SystemDaemon:
         address = self.bus_address or os.environ.get("DBUS_SYSTEM_BUS_ADDRESS")
         self.bus = await MessageBus(bus_address=address, bus_type=BusType.SYSTEM).connect()
         self.service = LLMuxService(self.bus, self.core.switcher, reload=self.reload,
-                                    version=self.core.version, authorizer=PolkitAuthorizer(self.bus))
+                                    version=self.core.version, authorizer=PolkitAuthorizer(self.bus),
+                                    key_usage=self.core.keys.usage)
         await self.service.start()
         await self.service.request_name()
         self._tasks.append(asyncio.get_running_loop().create_task(self._watch_bus(), name="llmuxd-bus-watch"))
