@@ -24,8 +24,8 @@ import openai
 import pytest
 import yaml
 
-from llmuxd.keys import hash_secret
 from daemon_process import SIM, WAIT, DaemonProcess, daemon_env, http_json, sim_model, wait_until, write_config
+from llmuxd.keys import hash_secret
 from sim_fixtures import free_port
 
 pytestmark = pytest.mark.skipif(not os.path.exists(SIM), reason="llmux-vllm-sim not installed in this venv")
@@ -98,8 +98,15 @@ def keyed(tmp_path_factory):
         "alpha": sim_model("org/alpha-7b", ledger, 1000, LLMUX_SIM_TOKENS_PER_S="50"),
         "beta": sim_model("org/beta-7b", ledger, 1000, LLMUX_SIM_TOKENS_PER_S="50"),
     }
+    # a key kept out of keys_dir: systemd's LoadCredential=llmux-keys:FILE, as the daemon sees it
+    credentials = tmp / "credentials"
+    credentials.mkdir()
+    made["from-credential"] = "sk-llmux-credential-secret-for-test"
+    (credentials / "llmux-keys").write_text(f"id: from-credential\nsha256: {hash_secret(made['from-credential'])}\n"
+                                            "models: [beta]\n")
     config = write_config(tmp, models, keys_dir=str(keys_dir))
-    daemon = Keyed(config, tmp / "llmuxd.log").wait_ready()
+    env = {**daemon_env(), "CREDENTIALS_DIRECTORY": str(credentials)}
+    daemon = Keyed(config, tmp / "llmuxd.log", env=env).wait_ready()
     daemon.keys_dir, daemon.secrets = keys_dir, made
     yield daemon
     assert daemon.stop() == 0, daemon.log()
@@ -111,6 +118,9 @@ def test_openai_client_with_a_key_and_models_filtered(keyed):
     assert reply.model == "alpha" and reply.choices[0].message.content
     assert [m.id for m in client.models.list()] == ["alpha"]
     assert sorted(m.id for m in keyed.client(keyed.secrets["all"]).models.list()) == ["alpha", "beta"]
+    from_credential = keyed.client(keyed.secrets["from-credential"])
+    assert [m.id for m in from_credential.models.list()] == ["beta"]
+    assert from_credential.chat.completions.create(model="beta", **CHAT).model == "beta"
 
 
 @pytest.mark.parametrize("secret,words", [
