@@ -59,7 +59,8 @@ def keys_svc():
     svc = boot_from_tree()
     try:
         svc.secrets = {"chat": add_key(svc, "chat", "--models", "alpha"),
-                       "leaving": add_key(svc, "leaving", "--rate", "100/s", "--burst", "50")}
+                       "leaving": add_key(svc, "leaving", "--rate", "100/s", "--burst", "50"),
+                       "tight": add_key(svc, "tight", "--rate", "1/h", "--burst", "1")}
         config = svc.host_path(svc.config_file)
         data = yaml.safe_load(config.read_text())
         data["keys_dir"] = KEYS_DIR
@@ -75,7 +76,7 @@ def keys_svc():
 def test_keys_from_keys_dir(keys_svc):
     assert post(keys_svc, keys_svc.secrets["chat"], "alpha")[0] == 200
     loaded = keys_svc.journal("-u", "llmuxd.service", "LLMUX_EVENT=keys_loaded")
-    assert "2 in force (chat,leaving)" in loaded, keys_svc.journal("-u", "llmuxd.service")[-3000:]
+    assert "3 in force (chat,leaving,tight)" in loaded, keys_svc.journal("-u", "llmuxd.service")[-3000:]
     status, body = post(keys_svc, None, "alpha")
     assert status == 401 and json.loads(body)["error"]["code"] == "invalid_api_key"
     status, body = post(keys_svc, keys_svc.secrets["chat"], "beta")  # out of its scope
@@ -122,6 +123,10 @@ def test_status_journal_and_metrics_name_keys_never_secrets(keys_svc):
         post(keys_svc, "sk-llmux-wrong", "alpha")
     refused = keys_svc.journal("-u", "llmuxd.service", "LLMUX_EVENT=key_refused", "-o", "verbose")
     assert "LLMUX_REASON=invalid" in refused
+    assert [post(keys_svc, keys_svc.secrets["tight"], "alpha")[0] for _ in range(2)] == [200, 429]
+    limited = wait_for(lambda: keys_svc.journal("-u", "llmuxd.service", "LLMUX_EVENT=key_limited", "LLMUX_KEY=tight"),
+                       "key_limited for 'tight' in the journal")
+    assert "key tight: 1 request(s) refused by its requests limit" in limited
     with urllib.request.urlopen(f"http://127.0.0.1:{keys_svc.port}/metrics", timeout=60) as resp:
         metrics = resp.read().decode()
     assert 'key="chat",model="alpha",status="200"' in metrics

@@ -21,6 +21,7 @@ from typing import Any, Callable
 from aiohttp import web
 from aiohttp.web_urldispatcher import _default_expect_handler  # stable in 3.8 .. 3.1x
 
+from llmuxd.daemon.journal import FIELDS_ATTR
 from llmuxd.errors import LLMuxError
 from llmuxd.http.auth import KEY_HEADERS, NO_KEY, KeyGate, refusal_headers
 from llmuxd.http.body import MODEL_HEADER, check_declared_length, model_from, read_body
@@ -162,7 +163,7 @@ class FrontEnd:
             status = response.status
             return response
         except LLMuxError as exc:
-            response = self._fail(exc, model)
+            response = self._fail(exc, model, key)
             status = response.status
             return response
         except asyncio.CancelledError:
@@ -170,7 +171,7 @@ class FrontEnd:
             raise
         except Exception:  # noqa: BLE001 - a bug must still answer in the envelope
             log.exception("unexpected error serving %s %s", request.method, request.path)
-            response = self._fail(LLMuxError("internal error in llmux; see the daemon log"), model)
+            response = self._fail(LLMuxError("internal error in llmux; see the daemon log"), model, key)
             status = response.status
             return response
         finally:
@@ -179,7 +180,7 @@ class FrontEnd:
             self.metrics.observe_request(model, status, self.clock() - started, wait > WAITED_THRESHOLD_S,
                                          key=key.id if key is not None else NO_KEY)
 
-    def _fail(self, exc: LLMuxError, model: str) -> web.Response:
+    def _fail(self, exc: LLMuxError, model: str, key: Any = None) -> web.Response:
         """The one mapping from llmux errors to responses."""
         retry_after = None
         if exc.retry_after is None and model != NO_MODEL and exc.http_status in (429, 503, 504):
@@ -187,8 +188,10 @@ class FrontEnd:
                 retry_after = float(self.switcher.wait_estimate(model))
             except Exception:  # noqa: BLE001 - an estimate is optional
                 retry_after = None
-        if exc.http_status >= 500:
-            log.warning("%s -> %d: %s", model or "-", exc.http_status, exc)
+        if exc.http_status >= 500:  # the key's id in the journal (LLMUX_KEY=), never its secret
+            fields = {"LLMUX_MODEL": model or None, "LLMUX_KEY": key.id if key is not None else None}
+            log.warning("%s -> %d: %s", model or "-", exc.http_status, exc,
+                        extra={FIELDS_ATTR: {k: v for k, v in fields.items() if v}})
         return error_response(exc, retry_after=retry_after, headers=refusal_headers(exc))
 
     # -- model list, health, metrics -----------------------------------------

@@ -57,7 +57,10 @@ class ApiKey:
 
     def allows(self, model: str) -> bool:
         """May this key use `model`? Names or shell-style globs (`llama-*`)."""
-        return any(pattern == model or fnmatchcase(model, pattern) for pattern in self.models)
+        for pattern in self.models:
+            if pattern == "*" or pattern == model or fnmatchcase(model, pattern):
+                return True
+        return False
 
     def allowed(self, models: Iterable[str]) -> list:
         """The models of `models` this key may use, in their order."""
