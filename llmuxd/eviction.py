@@ -157,3 +157,33 @@ class Eviction:
 
 DEFAULT_EVICTION = Eviction(WeightStrategy.OFFLOAD, ProcessStrategy.KEEP_RUNNING)
 STOP_EVICTION = Eviction(WeightStrategy.RETAIN, ProcessStrategy.STOP)
+
+#: the engines a model's `engine:` names, and the weight strategies each can apply. vLLM
+#: sleeps its weights through /sleep (offload = level 1, discard = level 2); any other
+#: OpenAI-compatible server ("openai": llama.cpp, SGLang, TGI, Ollama ...) has no such
+#: endpoint, so its weights stay where they are and it is evicted at process level only.
+#: The clients in llmuxd/engine/ declare these same sets; the table lives here, below the
+#: engine room, because config checks and the switcher need it too.
+ENGINE_WEIGHTS: dict[str, frozenset[WeightStrategy]] = {
+    "vllm": frozenset(WeightStrategy),
+    "openai": frozenset({WeightStrategy.RETAIN}),
+}
+DEFAULT_ENGINE = "vllm"
+
+
+def engine_evictions(engine: str) -> list[Eviction]:
+    """The evictions `engine` can do that free something, strongest last (for messages)."""
+    weights = [w for w in WeightStrategy if w in ENGINE_WEIGHTS[engine]]
+    return [Eviction(w, p) for w in weights for p in ProcessStrategy
+            if not Eviction(w, p).is_noop and not (w is not WeightStrategy.RETAIN and p is ProcessStrategy.STOP)]
+
+
+def check_engine(eviction: Eviction, engine: str, model: str) -> None:
+    """Refuse a weight strategy `engine` cannot apply, naming the model and what it can do."""
+    if eviction.weights in ENGINE_WEIGHTS[engine]:
+        return
+    can = ", ".join(str(e) for e in engine_evictions(engine))
+    raise EvictionError(
+        f"model '{model}' runs engine '{engine}', which cannot {eviction.weights.value} its weights "
+        f"(that needs vLLM's sleep endpoints); it can do: {can}"
+    )

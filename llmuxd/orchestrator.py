@@ -23,9 +23,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
+from llmuxd.config.placeholders import fill
 from llmuxd.engine.errors import BackendExited
 from llmuxd.errors import BackendError, LLMuxError, NotSupported, UnknownModel
-from llmuxd.eviction import Eviction, ProcessStrategy, WeightStrategy
+from llmuxd.eviction import DEFAULT_ENGINE, Eviction, ProcessStrategy, WeightStrategy
 from llmuxd.lifecycle import BackendDetail, BackendState, ModelPhase  # ModelPhase re-exported: callers import it from here
 from llmuxd.runtime.base import ExitStatus, Handle, LaunchSpec, Runtime, RunState, check_port_free
 
@@ -42,7 +43,10 @@ HEALTH_POLL = 0.1
 
 
 class Engine(Protocol):
-    """What the orchestrator needs from a backend's HTTP API (llmuxd.engine.vllm.VllmClient)."""
+    """What the orchestrator needs from a backend's HTTP API (llmuxd.engine.vllm.VllmClient,
+    llmuxd.engine.openai.OpenAIClient); `weight_strategies` says which weight steps it can do."""
+
+    weight_strategies: frozenset[WeightStrategy]
 
     async def wait_healthy(self, deadline: float, *, process_alive: Callable[[], bool] | None = None) -> None: ...
     async def sleep(self, level: int = 1, mode: str = "abort") -> Any: ...
@@ -58,13 +62,14 @@ EngineFactory = Callable[[Any], Engine]
 
 
 def default_engine_factory(model_config: Any) -> Engine:
-    """A vLLM client for the model's endpoint."""
-    from llmuxd.engine.vllm import EngineTimeouts, VllmClient
+    """The client of the model's engine (vLLM unless it names another) for its endpoint."""
+    from llmuxd.engine import ENGINES, EngineTimeouts
 
     # poll /health every 100 ms: on loopback a probe costs little, and every
     # poll interval is added to a cold start or a wake that waits for it
     timeouts = EngineTimeouts(health_poll=HEALTH_POLL)
-    return VllmClient(f"http://{_url_host(model_config.host)}:{model_config.port}", timeouts=timeouts)
+    client = ENGINES[getattr(model_config, "engine", DEFAULT_ENGINE)]
+    return client(f"http://{_url_host(model_config.host)}:{model_config.port}", timeouts=timeouts)
 
 
 def _url_host(host: str) -> str:
@@ -76,7 +81,10 @@ def backend_argv(model_config: Any) -> list[str]:
 
     The model path is positional when the command ends with "serve" (vllm serve,
     llmux-vllm-sim serve), else it is passed as --model (api_server style).
+    Any other engine's command runs as written, its ${PORT}-style placeholders filled in.
     """
+    if getattr(model_config, "engine", DEFAULT_ENGINE) != DEFAULT_ENGINE:
+        return fill(list(model_config.command) + list(model_config.extra_args), model_config)
     command = list(model_config.command)
     path_args = [model_config.model_path] if command[-1] == "serve" else ["--model", model_config.model_path]
     argv = command + path_args
@@ -421,6 +429,9 @@ class Orchestrator:
         step = self.process_steps.get(eviction.process)
         m.evicting = eviction
         try:
+            if eviction.weights not in getattr(m.engine, "weight_strategies", (eviction.weights,)):
+                raise NotSupported(f"model '{name}': its engine cannot {eviction.weights.value} its weights "
+                                   "(no vLLM sleep endpoints); use a retain+... eviction")
             if step is None or isinstance(step, _NotYet):
                 raise (step._error(m) if step else NotSupported(f"eviction process '{eviction.process}' is unknown"))
             if eviction.sleep_level is not None:
@@ -526,7 +537,8 @@ class Orchestrator:
             if m is None:
                 self._models[name] = _Model(mc, ModelStatus(name), self._engine_factory(mc))
             elif m.config != mc:
-                if (m.config.host, m.config.port) != (mc.host, mc.port):
+                if (m.config.host, m.config.port, getattr(m.config, "engine", DEFAULT_ENGINE)) != (
+                        mc.host, mc.port, getattr(mc, "engine", DEFAULT_ENGINE)):
                     old, m.engine = m.engine, self._engine_factory(mc)
                     try:
                         await old.close()

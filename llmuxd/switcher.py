@@ -40,8 +40,9 @@ from llmuxd.errors import ModelPinned, QueueFull, SwitchTimeout, UnknownModel
 from llmuxd.events import ModelStateChanged, SwitchEvent
 from llmuxd.lifecycle import BackendDetail, Backends, BackendState
 from llmuxd.policies import NOW, Decision, Policy, PolicyContext, SwitchCosts, make_policy
-from llmuxd.policies.base import AwakeModel, TickContext, WaitingModel
+from llmuxd.priority import DEFAULT_PRIORITY, Priority
 from llmuxd.switching.control import Controls
+from llmuxd.switching.demand import next_wanted, policy_context, reevaluation_order, tick_context
 from llmuxd.switching.errors import InvalidMode, ShuttingDown  # noqa: F401 - re-exported
 from llmuxd.switching.phases import SwitchPhases
 from llmuxd.switching.planning import plan_victims, wait_estimate
@@ -66,6 +67,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+#: module constants: the fast path compares by identity without an enum attribute lookup
+_INTERACTIVE = Priority.INTERACTIVE
+_BATCH = Priority.BATCH
 
 class Switcher(Controls, SwitchPhases):
     """State machine over the models of one config; see the module docstring."""
@@ -160,20 +164,30 @@ class Switcher(Controls, SwitchPhases):
 
     # ------------------------------------------------------------------ requests
 
-    async def acquire(self, model: str, timeout: Optional[float] = None) -> Lease:
+    async def acquire(
+        self, model: str, timeout: Optional[float] = None, *, priority: Priority = DEFAULT_PRIORITY
+    ) -> Lease:
         """A lease on `model` once it is awake and not draining.
 
-        Raises UnknownModel, ModelPinned (manual mode), QueueFull, SwitchTimeout
-        (no lease within `timeout`, default policy.request_timeout) or
-        SwitchFailed (its wake failed)."""
+        `priority` (from the request's API key; a plain "batch" is accepted)
+        orders the waiters in every policy: interactive ones count before batch
+        ones (llmuxd/policies/priority.py). Raises UnknownModel, ModelPinned
+        (manual mode), QueueFull, SwitchTimeout (no lease within `timeout`,
+        default policy.request_timeout), SwitchFailed (its wake failed) or
+        ValueError (not a priority)."""
         m = self._models.get(model)
         if m is not None and m.state is ModelState.ACTIVE:  # fast path: no await, no allocation but the lease
+            if priority is not _INTERACTIVE:
+                priority = Priority(priority)  # a plain "batch" from a caller; a bad value raises
+                m.batch_in_flight += priority is _BATCH
             m.in_flight += 1
             m.last_used = self._clock()
-            return Lease(self._release, m, self._backends.endpoint(model))
-        return await self._acquire_slow(model, m, timeout)
+            return Lease(self._release, m, self._backends.endpoint(model), priority)
+        return await self._acquire_slow(model, m, timeout, priority)
 
-    async def _acquire_slow(self, model: str, m: Optional[ModelRuntime], timeout: Optional[float]) -> Lease:
+    async def _acquire_slow(
+        self, model: str, m: Optional[ModelRuntime], timeout: Optional[float], priority: Priority
+    ) -> Lease:
         if m is None or m.removed:
             raise UnknownModel(model, self._known())
         if self._closed:
@@ -190,8 +204,8 @@ class Switcher(Controls, SwitchPhases):
         if not self._started:
             self._ensure_tasks()
         loop = asyncio.get_running_loop()
-        waiter = Waiter(m, self._clock(), loop.create_future())
-        m.queue[waiter] = None
+        waiter = Waiter(m, self._clock(), loop.create_future(), priority=Priority(priority))
+        m.enqueue(waiter)
         if math.isfinite(timeout):
             waiter.timer = loop.call_later(timeout, self._expire, waiter)
         self._on_demand(m)
@@ -201,14 +215,19 @@ class Switcher(Controls, SwitchPhases):
             self._abandon(waiter)
             raise
 
-    def _release(self, m: ModelRuntime) -> None:
+    def _release(self, m: ModelRuntime, priority: Priority) -> None:
         m.in_flight -= 1
+        if priority is _BATCH and m.batch_in_flight > 0:
+            m.batch_in_flight -= 1
         m.last_used = self._clock()
         if m.in_flight <= 0:
             m.in_flight = 0
+            m.batch_in_flight = 0
             fut = m.drain_future
             if fut is not None and not fut.done():
                 fut.set_result(None)
+            if self._policy.tick_interval is not None:
+                self._on_idle(m)
 
     def _expire(self, waiter: Waiter) -> None:
         """Deadline timer: the waiter leaves the queue now, so it is never served late."""
@@ -216,13 +235,13 @@ class Switcher(Controls, SwitchPhases):
         if fut.done():
             return
         m = waiter.model
-        m.queue.pop(waiter, None)
+        m.dequeue(waiter)
         waited = self._clock() - waiter.enqueued_at
         fut.set_exception(SwitchTimeout(m.name, waited, retry_after=self._retry_after(m)))
 
     def _abandon(self, waiter: Waiter) -> None:
         """A cancelled waiter: out of the queue, and a lease granted meanwhile goes back."""
-        waiter.model.queue.pop(waiter, None)
+        waiter.model.dequeue(waiter)
         if waiter.timer is not None:
             waiter.timer.cancel()
         fut = waiter.future
@@ -236,18 +255,20 @@ class Switcher(Controls, SwitchPhases):
         endpoint = self._backends.endpoint(m.name)
         now = self._clock()
         for waiter in list(m.queue):
-            del m.queue[waiter]
+            m.dequeue(waiter)
             if waiter.timer is not None:
                 waiter.timer.cancel()
             if waiter.future.done():
                 continue
             m.in_flight += 1
+            if waiter.priority is _BATCH:
+                m.batch_in_flight += 1
             m.last_used = now
-            waiter.future.set_result(Lease(self._release, m, endpoint))
+            waiter.future.set_result(Lease(self._release, m, endpoint, waiter.priority))
 
     def _fail_all(self, m: ModelRuntime, make_error: Callable[[], BaseException]) -> None:
         for waiter in list(m.queue):
-            del m.queue[waiter]
+            m.dequeue(waiter)
             if waiter.timer is not None:
                 waiter.timer.cancel()
             if not waiter.future.done():
@@ -310,29 +331,17 @@ class Switcher(Controls, SwitchPhases):
         self._on_demand(m, deferred=True)  # fresh numbers: an empty queue switches nothing
 
     def _reevaluate(self, g: GroupRuntime) -> None:
-        """After a switch or a change of mode: decide again for everyone waiting, oldest first."""
+        """After a switch or a change of mode: decide again for everyone waiting, stale
+        first, then those with interactive waiters, then oldest first (demand_rank)."""
         waiting = [m for m in self._models.values() if m.group == g.name and m.queue]
-        waiting.sort(key=lambda m: (m.oldest_enqueued() or 0.0, m.name))
+        waiting = reevaluation_order(waiting, self._clock(), self._config.policy.max_wait)
         for m in waiting:
             self._on_demand(m)
 
     def _context(self, g: GroupRuntime, m: ModelRuntime, deferred: bool) -> PolicyContext:
-        now = self._clock()
         victims = self._plan_victims(g, m)
-        oldest = m.oldest_enqueued()
-        primary = victims[0] if victims else None
-        return PolicyContext(
-            now=now,
-            target=m.name,
-            target_queue_depth=len(m.queue),
-            oldest_wait=0.0 if oldest is None else now - oldest,
-            active=primary.name if primary else None,
-            active_duration=(now - primary.activated_at) if primary and primary.activated_at is not None else 0.0,
-            active_in_flight=sum(v.in_flight for v in victims),
-            active_queue_depth=sum(len(v.queue) for v in victims),
-            switch_cost=self._costs.estimate(primary.name if primary else None, m.name),
-            deferred=deferred,
-        )
+        cost = self._costs.estimate(victims[0].name if victims else None, m.name)
+        return policy_context(self._clock(), m, victims, self._group_models(g), cost, deferred)
 
     # ------------------------------------------------------------------ budget
 
@@ -361,7 +370,7 @@ class Switcher(Controls, SwitchPhases):
         if g.ops:
             return self._run_op(g, g.ops.popleft())
         while g.wanted:
-            name = next(iter(g.wanted))
+            name = next_wanted(g.wanted, self._models, self._clock(), self._config.policy.max_wait)
             del g.wanted[name]
             m = self._models.get(name)
             if m is None or m.removed or m.group != g.name:
@@ -419,28 +428,30 @@ class Switcher(Controls, SwitchPhases):
                 g.demand.clear()
                 await g.demand.wait()
             await self._sleep(interval)
-            if self._mode is Mode.MANUAL or g.switching is not None or g.ops or g.wanted:
-                continue
-            now = self._clock()
-            ctx = TickContext(
-                now=now,
-                awake=tuple(
-                    AwakeModel(a.name, now - (a.activated_at or now), a.in_flight, len(a.queue)) for a in g.awake
-                ),
-                waiting=tuple(
-                    WaitingModel(m.name, len(m.queue), now - (m.oldest_enqueued() or now))
-                    for m in self._group_models(g)
-                    if m.queue and not m.awake
-                ),
-            )
-            try:
-                target = self._policy.tick(ctx)
-            except Exception:  # noqa: BLE001
-                log.exception("policy %s failed at a scheduler tick", self._policy.name)
-                continue
-            m = self._models.get(target) if target else None
-            if m is not None and m.queue and not m.awake and m.group == g.name:
-                self._want(g, m)
+            self._tick(g)
+
+    def _tick(self, g: GroupRuntime) -> None:
+        """One scheduler tick: ask the policy which waiting model gets the group now."""
+        if self._mode is Mode.MANUAL or g.switching is not None or g.ops or g.wanted:
+            return
+        ctx = tick_context(self._clock(), g, self._group_models(g))
+        try:
+            target = self._policy.tick(ctx)
+        except Exception:  # noqa: BLE001
+            log.exception("policy %s failed at a scheduler tick", self._policy.name)
+            return
+        m = self._models.get(target) if target else None
+        if m is not None and m.queue and not m.awake and m.group == g.name:
+            self._want(g, m)
+
+    def _on_idle(self, m: ModelRuntime) -> None:
+        """`m`'s last request finished: a tick-driven policy hands the GPU over at idle
+        moments, so tick now rather than up to `tick_interval` later."""
+        if self._policy.tick_interval is None or self._closed or m.removed or not m.awake:
+            return
+        g = self._groups[m.group]
+        if g.demand is not None and g.demand.is_set():  # someone waits for a model that is not awake
+            self._tick(g)
 
     def _group_models(self, g: GroupRuntime) -> Iterable[ModelRuntime]:
         return (m for m in self._models.values() if m.group == g.name and not m.removed)

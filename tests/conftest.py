@@ -8,6 +8,8 @@ conftest, no tests/__init__.py).
 
 from s3_server import fault_proxy, s3_server  # noqa: F401  (moto_server, session fixture)
 from skip_policy import (  # noqa: F401  (pytest hooks)
+    pytest_make_collect_report,
+    pytest_runtest_call,
     pytest_runtest_makereport,
     pytest_runtest_setup,
     pytest_sessionfinish,

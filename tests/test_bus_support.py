@@ -28,6 +28,7 @@ from llmuxd.bus.service import LLMuxService, export_service
 from llmuxd.errors import ModelPinned, NotSupported, SwitchFailed, SwitchTimeout, UnknownModel
 from llmuxd.eviction import DEFAULT_EVICTION, Eviction
 from llmuxd.names import BUS_NAME, MANAGER_IFACE, MANAGER_PATH
+from llmuxd.priority import DEFAULT_PRIORITY
 
 NOBODY = 65534
 VERSION = "0.1.0-test"
@@ -201,7 +202,7 @@ class FakeSwitcher:
         except asyncio.TimeoutError:
             raise SwitchTimeout(model, timeout or 0.0) from None
 
-    async def acquire(self, model: str, timeout: Optional[float] = None) -> FakeLease:
+    async def acquire(self, model: str, timeout: Optional[float] = None, *, priority=DEFAULT_PRIORITY) -> FakeLease:
         self.calls.append(("acquire", model, timeout))
         await self.switch(model, True, timeout)
         self.models[model].in_flight += 1

@@ -23,6 +23,7 @@ from llmuxd.errors import ModelPinned, QueueFull, SwitchFailed, SwitchTimeout
 from llmuxd.http import FrontEnd, HttpServer, parse_listen
 from llmuxd.http.proxy import Upstream
 from llmuxd.metrics import Metrics
+from llmuxd.priority import DEFAULT_PRIORITY
 
 WAIT = 30  # generous bound for event waits; never a timing assertion
 
@@ -55,7 +56,7 @@ class FakeSwitcher:
     released: asyncio.Event = field(default_factory=asyncio.Event)
     estimate: float = 7.0
 
-    async def acquire(self, model: str, timeout: float | None = None) -> FakeLease:
+    async def acquire(self, model: str, timeout: float | None = None, *, priority=DEFAULT_PRIORITY) -> FakeLease:
         if model in self.fail_with:
             raise self.fail_with[model]
         self.in_flight[model] = self.in_flight.get(model, 0) + 1

@@ -58,7 +58,7 @@ def model_config(name: str, **overrides) -> dict:
     }
 
 
-@pytest.fixture(params=["subprocess", "systemd"])
+@pytest.fixture(params=["subprocess", pytest.param("systemd", marks=pytest.mark.systemd)])
 def runtime_kind(request):
     if request.param == "systemd":
         request.getfixturevalue("real_systemd")
@@ -301,6 +301,7 @@ def test_model_path_is_positional_after_serve_else_model_flag():
 # -- systemd only -------------------------------------------------------------
 
 
+@pytest.mark.systemd
 async def test_units_log_to_the_journal_with_the_model_field(real_systemd):  # noqa: F811
     model = unique("journal")
     runtime = SystemdRuntime(bus_address=real_systemd.bus_address)
@@ -317,6 +318,7 @@ async def test_units_log_to_the_journal_with_the_model_field(real_systemd):  # n
         await runtime.close()
 
 
+@pytest.mark.systemd
 async def test_a_new_orchestrator_adopts_running_sleeping_and_frozen_units(real_systemd):  # noqa: F811
     names = {"awake": unique("awake"), "asleep": unique("asleep"), "frozen": unique("frozen")}
     models = {

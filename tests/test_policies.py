@@ -213,6 +213,21 @@ async def test_time_slice_waits_for_idle_then_serves_the_longest_queue():
 
 
 @virtual
+async def test_time_slice_hands_over_the_moment_the_awake_model_goes_idle():
+    """Not at the next tick (issue #26: the tick's phase added up to tick_interval to every wait)."""
+    switcher, _, starts = await rig({"type": "time_slice", "min_active": 0, "min_quantum": 0,
+                                     "tick_interval": 5, "max_wait": 100})
+    busy = await switcher.acquire("a")
+    waiter = asyncio.ensure_future(switcher.acquire("b"))
+    await asyncio.sleep(7.3)
+    assert [m for _, m in starts] == ["a"]
+    idle_at = asyncio.get_running_loop().time()
+    busy.release()
+    (await waiter).release()
+    assert starts[-1] == (pytest.approx(idle_at), "b")
+
+
+@virtual
 async def test_time_slice_scheduler_enforces_max_wait_without_new_arrivals():
     switcher, _, starts = await rig({"type": "time_slice", "min_active": 0, "max_wait": 15})
     busy = await switcher.acquire("a")

@@ -40,7 +40,7 @@ class BackendLines(logging.Handler):
         self.lines.append((model, record.getMessage().removeprefix(f"[{model}] ")))
 
 
-@pytest.fixture(params=["subprocess", "systemd"])
+@pytest.fixture(params=["subprocess", pytest.param("systemd", marks=pytest.mark.systemd)])
 async def runtime(request):
     backend_log = logging.getLogger("llmuxd.backend")
     lines, level = BackendLines(), backend_log.level
@@ -263,6 +263,7 @@ async def systemd_rt(real_systemd):  # noqa: F811
     await rt.close()
 
 
+@pytest.mark.systemd
 async def test_unit_output_is_in_the_journal_under_the_model_field(systemd_rt, real_systemd):  # noqa: F811
     model = model_name("journal")
     handle = await systemd_rt.start(LaunchSpec(model=model, argv=("sh", "-c", f"echo hello from {model}")))
@@ -271,6 +272,7 @@ async def test_unit_output_is_in_the_journal_under_the_model_field(systemd_rt, r
     assert f"hello from {model}" in real_systemd.journal(f"SYSLOG_IDENTIFIER=llmux-{model}")
 
 
+@pytest.mark.systemd
 async def test_a_second_runtime_adopts_running_and_frozen_units(systemd_rt, real_systemd):  # noqa: F811
     port = free_port()
     running = await systemd_rt.start(LaunchSpec(model=model_name("run"), argv=tuple(http_server(port))))
@@ -291,6 +293,7 @@ async def test_a_second_runtime_adopts_running_and_frozen_units(systemd_rt, real
         await systemd_rt.stop(frozen, timeout=5)
 
 
+@pytest.mark.systemd
 async def test_a_foreign_unit_with_our_name_is_refused_and_left_alone(systemd_rt, real_systemd):  # noqa: F811
     unit = "llmux-model-foreign.service"
     real_systemd.run("systemd-run", "--unit", unit, "sleep", "600")
@@ -311,6 +314,7 @@ async def test_systemd_not_reachable_is_a_clear_startup_error(address):
     assert address in str(err.value) and "embedded mode" in str(err.value)
 
 
+@pytest.mark.systemd
 async def test_a_unit_that_cannot_exec_fails_at_start_with_systemds_status(systemd_rt):
     with pytest.raises(BackendError) as err:
         await systemd_rt.start(LaunchSpec(model="nobody", argv=("sleep", "60"), user="no-such-llmux-user"))
@@ -318,6 +322,7 @@ async def test_a_unit_that_cannot_exec_fails_at_start_with_systemds_status(syste
     assert "user 'no-such-llmux-user': it does not exist here" in str(err.value)  # the cause, then the fix
 
 
+@pytest.mark.systemd
 async def test_a_daemon_reload_does_not_look_like_an_exit(systemd_rt, real_systemd):  # noqa: F811
     """`systemctl daemon-reload` (any package install runs one) sends UnitRemoved
     for every unit, running ones included, and UnitNew after: the backend is
@@ -406,6 +411,7 @@ def nvidia_nodes(tmp_path):
     return nodes
 
 
+@pytest.mark.systemd
 async def test_a_unit_opens_its_gpu_and_is_refused_another(systemd_rt, real_systemd, nvidia_nodes):  # noqa: F811
     """DevicePolicy=closed + DeviceAllow under the real systemd (BPF device control of
     cgroup v2): the model on GPU 1 reaches GPU 1 and the driver's shared nodes, not GPU 0 or 2."""
@@ -421,6 +427,7 @@ async def test_a_unit_opens_its_gpu_and_is_refused_another(systemd_rt, real_syst
                            "nvidia0": "EPERM", "nvidia2": "EPERM"}
 
 
+@pytest.mark.systemd
 async def test_a_unit_without_gpus_has_no_device_policy(systemd_rt, real_systemd, nvidia_nodes):  # noqa: F811
     model = model_name("nogpu")
     handle = await systemd_rt.start(LaunchSpec(

@@ -28,6 +28,7 @@ from typing import Any, Callable
 import pytest
 import yaml
 
+from skip_policy import require_marker
 from sysd.helpers import free_port, http
 from sysd.testbed import TestSystemd, unavailable_reason
 
@@ -251,6 +252,7 @@ def base_config(svc: ServiceBed) -> str:
 def boot_from_tree() -> ServiceBed:
     """Units from systemd/, daemon and simulator from this checkout's venv (in a
     fixture: skips with the reason where the test systemd cannot boot)."""
+    require_marker("systemd", "boots the test systemd")
     reason = unavailable_reason()
     if reason:
         pytest.skip(reason)

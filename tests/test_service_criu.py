@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import yaml
@@ -25,8 +26,10 @@ PROMPT = "What is the capital of France?"
 CK, OTHER = "ck", "other"
 
 
-@pytest.fixture(scope="module")
-def svc(tmp_path_factory):
+def boot_with_criu(**checkpoint) -> ServiceBed:
+    """The service bed with a working CRIU (skips with the reason where there is
+    none) and a config whose checkpoint section is CRIU's plus `checkpoint`;
+    nothing started yet."""
     if not os.path.exists(CRIU):
         pytest.skip(f"{CRIU} is not installed (scripts/install-test-deps builds CRIU 4.2; or set LLMUX_TEST_CRIU)")
     service = boot_from_tree()
@@ -36,10 +39,23 @@ def svc(tmp_path_factory):
             why = (check.stderr or check.stdout).strip().splitlines()
             pytest.skip(f"'{CRIU} check' fails here: {why[-1] if why else check.returncode}")
         config = yaml.safe_load(base_config(service))
-        config["checkpoint"] = {"criu_path": CRIU, "images_dir": f"{service.state_dir}/checkpoints"}
+        config["checkpoint"] = {"criu_path": CRIU, "images_dir": f"{service.state_dir}/checkpoints", **checkpoint}
         service.host_path(service.config_file).write_text(yaml.safe_dump(config))
-        env = {"LLMUX_SIM_TOKENS_PER_S": "0", "LLMUX_SIM_WEIGHTS_MB": "16",
-               "LLMUX_SIM_CACHE": str(tmp_path_factory.mktemp("sim-cache"))}
+        return service
+    except BaseException:
+        service.shut_down()
+        raise
+
+
+def sim_env(cache: Path, weights_mb: int = 16) -> dict[str, str]:
+    return {"LLMUX_SIM_TOKENS_PER_S": "0", "LLMUX_SIM_WEIGHTS_MB": str(weights_mb), "LLMUX_SIM_CACHE": str(cache)}
+
+
+@pytest.fixture(scope="module")
+def svc(tmp_path_factory):
+    service = boot_with_criu()
+    try:
+        env = sim_env(tmp_path_factory.mktemp("sim-cache"))
         service.write_model(CK, eviction="offload+checkpoint", env=env)
         service.write_model(OTHER, eviction="offload+keep_running", env=env)
         service.enable_now()

@@ -6,8 +6,9 @@ from __future__ import annotations
 from typing import Any, Dict, Tuple
 
 from llmuxd.config.issues import Issues
-from llmuxd.config.schema import Config
-from llmuxd.eviction import EvictionError, ProcessStrategy, WeightStrategy
+from llmuxd.config.placeholders import PLACEHOLDERS, placeholders_in
+from llmuxd.config.schema import Config, ModelConfig
+from llmuxd.eviction import STOP_EVICTION, EvictionError, ProcessStrategy, WeightStrategy, check_engine
 
 
 _MANAGED_FLAGS = {"--port": "port", "--host": "host", "--enable-sleep-mode": "sleep_mode", "--model": "model_path"}
@@ -42,6 +43,8 @@ def check_semantics(config: Config, issues: Issues) -> None:
             used_by = f" (the eviction of model '{name}', which sets none)"
         else:
             eviction_loc, used_by = loc + ("eviction",), ""
+        if model.engine != "vllm":
+            _check_openai_model(config, name, model, issues)
         try:
             model.eviction.check_allowed(shared_budget=shared)
         except EvictionError as exc:
@@ -62,7 +65,7 @@ def check_semantics(config: Config, issues: Issues) -> None:
                 "scheduler (CPU builds) and frees no memory; on a GPU the sleep fails and llmux "
                 "stops the model instead"
             )
-        for flag, key in _MANAGED_FLAGS.items():
+        for flag, key in _MANAGED_FLAGS.items() if model.engine == "vllm" else ():
             if any(arg == flag or arg.startswith(flag + "=") for arg in model.extra_args):
                 issues.add(loc + ("extra_args",), f"'{flag}' is set by llmux; remove it and use the model's '{key}' key")
         if model.gpus and len(model.gpus) < model.tensor_parallel_size:
@@ -79,6 +82,35 @@ def check_semantics(config: Config, issues: Issues) -> None:
                     f"models.{name}: tensor parallel {model.tensor_parallel_size} with '{model.eviction}' "
                     f"usually needs {' and '.join(missing)} in extra_args"
                 )
+
+
+def _check_openai_model(config: Config, name: str, model: ModelConfig, issues: Issues) -> None:
+    """An `engine: openai` model: an eviction its engine can do, a command that says where
+    the server listens. An eviction inherited from policy.eviction that the engine cannot do
+    becomes retain+stop (what frees everything, llama-swap's only eviction), with a note."""
+    loc = ("models", name)
+    try:
+        check_engine(model.eviction, model.engine, name)
+    except EvictionError as exc:
+        if name not in issues.inherited_eviction:
+            issues.add(loc + ("eviction",), str(exc))
+        else:
+            config.notes.append(
+                f"models.{name}: engine '{model.engine}' cannot do policy.eviction '{model.eviction}', "
+                f"so the model sleeps with '{STOP_EVICTION}'; set its eviction to choose another")
+            model.eviction = STOP_EVICTION
+    argv = list(model.command) + list(model.extra_args)
+    unknown = [p for p in placeholders_in(argv) if p not in PLACEHOLDERS]
+    if unknown:
+        allowed = ", ".join("${" + p + "}" for p in PLACEHOLDERS)
+        issues.add(loc + ("command",), f"unknown placeholder ${{{unknown[0]}}}; allowed: {allowed}")
+    if "PORT" not in placeholders_in(argv):
+        issues.add(loc + ("command",), "engine 'openai' runs the command as written, so it must say where "
+                   "the server listens: put ${PORT} in it (e.g. '--port', '${PORT}'), llmux fills in the model's port")
+    if any("llama_cpp.server" in arg for arg in model.command) and "--interrupt_requests" not in argv:
+        config.notes.append(
+            f"models.{name}: llama-cpp-python ends a running stream when another request comes "
+            "(interrupt_requests); add '--interrupt_requests False' to its command so requests wait their turn")
 
 
 def allocate_ports(config: Config, issues: Issues) -> None:

@@ -45,6 +45,7 @@ from llmuxd.config.schema import (
     ObjectStoreConfig,
     PolicyConfig,
 )
+from llmuxd.config.secrets import shown_at
 from llmuxd.config.values import pyd, tensor_parallel_size_from_args
 from llmuxd.eviction import DEFAULT_EVICTION, Eviction, EvictionError
 from llmuxd.names import validate_model_name
@@ -192,7 +193,7 @@ def _to_argv(value: Any, loc: Tuple[Any, ...], issues: Issues) -> Any:
             elif isinstance(item, str):
                 out.append(item)
             else:
-                issues.add(loc + (i,), f"expected a string, got {shown(item)}; quote it")
+                issues.add(loc + (i,), f"expected a string, got {shown_at(loc, item)}; quote it")
         return out
     return value
 
@@ -362,7 +363,7 @@ def _translate(error: Dict[str, Any], data: Mapping[str, Any]) -> Tuple[Tuple[An
     if kind in _PYDANTIC_MESSAGES:
         message = _PYDANTIC_MESSAGES[kind]
         if kind != "value_error.missing":
-            message += f", got {shown(_value_at(data, loc))}"
+            message += f", got {shown_at(loc, _value_at(data, loc))}"
         return loc, message
     if kind.startswith("value_error.tuple") or kind == "value_error.list.max_items":
         return loc, "expected a list of two port numbers [LOW, HIGH]"

@@ -26,7 +26,7 @@ from llmuxd.config.values import (
     pyd,
     tensor_parallel_size_from_args,
 )
-from llmuxd.eviction import DEFAULT_EVICTION, Eviction
+from llmuxd.eviction import DEFAULT_ENGINE, DEFAULT_EVICTION, ENGINE_WEIGHTS, Eviction
 from llmuxd.names import validate_model_name
 
 DEFAULT_CONFIG_PATH = "/etc/llmux/llmux.yaml"
@@ -99,6 +99,8 @@ class PolicyConfig(StrictModel):
     coalesce_window: Duration = 2.0
     #: 0: switch as soon as a request waits (llmux 0.7: "0.0 = always switch immediately")
     amortization_factor: NonNegativeNumber = 0.5
+    #: staleness bound: a request that waited this long wins (cost_aware, time_slice), and
+    #: batch requests stop yielding to interactive ones (every policy, fifo included)
     max_wait: Duration = 15.0
     #: 0: as often as the scheduler can (every 10 ms)
     tick_interval: Duration = 0.5
@@ -141,6 +143,17 @@ class ModelConfig(StrictModel):
     user: Optional[NonEmptyStr] = None
     warmup_prompt: Str = "Hello"
     tensor_parallel_size: int = 1  # derived from extra_args
+    #: how llmux speaks to the server: "vllm" (sleep endpoints), or "openai" for any other
+    #: OpenAI-compatible server (llama.cpp, SGLang, TGI, Ollama ...): its `command` is run as
+    #: written, with ${PORT}, ${HOST}, ${MODEL_PATH} and ${MODEL_ID} filled in
+    engine: Str = DEFAULT_ENGINE
+
+    @pyd.validator("engine")
+    def _known_engine(cls, v: str) -> str:  # noqa: N805
+        if v not in ENGINE_WEIGHTS:
+            raise ValueError(f"unknown engine {v!r}; allowed: {', '.join(ENGINE_WEIGHTS)} "
+                             "(openai: any other OpenAI-compatible server)")
+        return v
 
     @pyd.validator("name")
     def _safe_name(cls, v: str) -> str:  # noqa: N805

@@ -1,7 +1,7 @@
 """`llmuxd check-config [--strict] [FILE]`: validate a config without starting anything.
 
 Prints the effective configuration (YAML, every default filled in, backend
-ports resolved) on stdout and exits 0, or prints each problem on stderr as
+ports resolved, secrets masked) on stdout and exits 0, or prints each problem on stderr as
 ``FILE: KEY.PATH: what was wrong; what is allowed`` and exits 1. Meant for
 ``ExecReload=``-style pre-checks and for people editing /etc/llmux.
 
@@ -20,6 +20,7 @@ from typing import List, Optional, TextIO
 import yaml
 
 from llmuxd.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+from llmuxd.config.secrets import masked
 
 
 def check_config(
@@ -58,7 +59,8 @@ def check_config(
     out.write("# effective configuration, read from:\n")
     for source in config.sources:
         out.write(f"#   {source}\n")
-    out.write(yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=False))
+    # secrets masked (llmuxd/config/secrets.py): this output ends up in terminals, tickets and CI logs
+    out.write(yaml.safe_dump(masked(config.to_dict()), sort_keys=False, default_flow_style=False))
     return 0
 
 

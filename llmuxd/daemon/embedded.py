@@ -104,7 +104,7 @@ def log_config_warnings(config: Any) -> None:
 
 #: settings a backend is launched with: a change needs a fresh start of that backend
 LAUNCH_SETTINGS = ("model_path", "command", "port", "host", "extra_args", "env", "gpus",
-                   "user", "sleep_mode", "checkpoint_path", "gpu_group")
+                   "user", "sleep_mode", "checkpoint_path", "gpu_group", "engine")
 #: how a backend whose launch settings changed is put away before it starts again
 RESTART_EVICTION = STOP_EVICTION
 

@@ -1,4 +1,5 @@
-"""How a backend is spoken to: `vllm.VllmClient` (health, sleep, wake_up, ...)."""
+"""How a backend is spoken to: `vllm.VllmClient` (health, sleep, wake_up, ...) and
+`openai.OpenAIClient` (any other OpenAI-compatible server: process-level eviction only)."""
 
 from llmuxd.engine.errors import (  # noqa: F401
     BackendExited,
@@ -7,4 +8,8 @@ from llmuxd.engine.errors import (  # noqa: F401
     BackendUnreachable,
     EngineError,
 )
+from llmuxd.engine.openai import OpenAIClient  # noqa: F401
 from llmuxd.engine.vllm import EngineTimeouts, VllmClient  # noqa: F401
+
+#: the client class of each `engine:` a model may name (llmuxd.eviction.ENGINE_WEIGHTS)
+ENGINES = {"vllm": VllmClient, "openai": OpenAIClient}

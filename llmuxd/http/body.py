@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 
 from aiohttp import web
 
@@ -57,6 +58,12 @@ async def read_body(request: web.BaseRequest, limit: int, timeout: float) -> byt
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
+def nesting_limit() -> int:
+    """About how deep JSON may nest here: json's decoder recurses per level
+    and gives up at the interpreter's recursion limit (a RecursionError)."""
+    return sys.getrecursionlimit()
+
+
 def model_from(body: bytes, header_value: str | None) -> str:
     """The model a request names: the X-LLMux-Model header wins, else the
     JSON body's "model" string. Raises BadRequest with what to fix."""
@@ -78,6 +85,12 @@ def model_from(body: bytes, header_value: str | None) -> str:
         data = json.loads(text)
     except ValueError as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        # the C decoder recurses once per level and stops at the interpreter's
+        # recursion limit: a client's mistake (or attack), not the server's
+        raise BadRequest(
+            f"request body nests JSON deeper than {nesting_limit()} levels; send flatter JSON"
+        ) from None
     if not isinstance(data, dict):
         raise BadRequest("request body must be a JSON object with a \"model\" field", param="model")
     if "model" not in data:

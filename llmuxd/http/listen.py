@@ -32,10 +32,12 @@ import logging
 import os
 import socket
 import stat
+import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +218,42 @@ class _InFlight:
         return counted
 
 
+#: seconds between two warnings about malformed HTTP requests (the rest are counted)
+CLIENT_ERROR_LOG_INTERVAL = 60.0
+
+
+class _ServerLog(logging.LoggerAdapter):
+    """The logger aiohttp's request handlers use (`logger=`), with one change:
+    a request aiohttp's parser refused (a 100 KB header, a bad request line)
+    is the client's doing, answered 400 by aiohttp itself. aiohttp logs each
+    with an ERROR traceback, so anyone could flood the journal; here it is
+    one warning line without a traceback, at most one per
+    CLIENT_ERROR_LOG_INTERVAL seconds, saying how many were not logged.
+    Every other exception keeps its traceback (those are ours to fix)."""
+
+    def __init__(self, interval: float = CLIENT_ERROR_LOG_INTERVAL) -> None:
+        super().__init__(logging.getLogger("aiohttp.server"), {})
+        self.interval = interval
+        self._next_line = 0.0
+        self._unlogged = 0
+
+    def exception(self, msg: object, *args: object, exc_info: Any = True, **kw: Any) -> None:
+        if isinstance(exc_info, HttpProcessingError):
+            self.client_error(exc_info)
+        else:
+            super().exception(msg, *args, exc_info=exc_info, **kw)
+
+    def client_error(self, exc: HttpProcessingError) -> None:
+        now = time.monotonic()
+        if now < self._next_line:
+            self._unlogged += 1
+            return
+        more = f" ({self._unlogged} more since the last such line)" if self._unlogged else ""
+        log.warning("refused a malformed HTTP request (%s %s)%s; further ones are counted, "
+                    "one line per %.0fs", exc.code, str(exc.message)[:200], more, self.interval)
+        self._next_line, self._unlogged = now + self.interval, 0
+
+
 #: the blank line that ends a request's headers ("\r\n\r\n", or "\n\n" from lenient clients)
 _END_OF_HEADERS = (b"\n\r\n", b"\n\n")
 
@@ -330,7 +368,8 @@ class HttpServer:
         return [socket_address(s) for s in self.sockets]
 
     async def start(self) -> None:
-        runner_kw: dict[str, Any] = {"access_log": None, "keepalive_timeout": self.keepalive_timeout}
+        runner_kw: dict[str, Any] = {"access_log": None, "keepalive_timeout": self.keepalive_timeout,
+                                     "logger": _ServerLog()}
         site_kw: dict[str, Any] = {"backlog": 1024}
         # aiohttp >= 3.9: cancel the handler when its client disconnects (3.8
         # always does), so waiting requests release their place at once

@@ -17,7 +17,7 @@ def make_policy(policy_config: Any, costs: SwitchCosts) -> Policy:
     """Build the policy named by `policy_config.type` with its parameters."""
     kind = policy_config.type
     if kind == "fifo":
-        return FifoPolicy(drain_before_switch=policy_config.drain_before_switch)
+        return FifoPolicy(drain_before_switch=policy_config.drain_before_switch, max_wait=policy_config.max_wait)
     if kind == "cost_aware":
         return CostAwarePolicy(
             costs,

@@ -59,6 +59,24 @@ class PolicyContext:
     switch_cost: float
     #: True when this is the re-evaluation at the end of a deferral
     deferred: bool = False
+    #: the batch requests among `target_queue_depth` (the rest are interactive)
+    target_batch_depth: int = 0
+    #: the batch requests among `active_in_flight` and `active_queue_depth`
+    active_batch_in_flight: int = 0
+    active_batch_queue_depth: int = 0
+    #: interactive requests waiting for other models of the group (neither target nor active)
+    others_interactive_depth: int = 0
+
+    @property
+    def target_interactive_depth(self) -> int:
+        return max(0, self.target_queue_depth - self.target_batch_depth)
+
+    @property
+    def active_interactive(self) -> int:
+        """Interactive requests the switch would drain or keep waiting: in flight or queued."""
+        in_flight = self.active_in_flight - self.active_batch_in_flight
+        queued = self.active_queue_depth - self.active_batch_queue_depth
+        return max(0, in_flight) + max(0, queued)
 
 
 @dataclass(frozen=True)
@@ -67,10 +85,18 @@ class AwakeModel:
     active_duration: float
     in_flight: int
     queue_depth: int
+    #: the batch requests among `in_flight` and `queue_depth`
+    batch_in_flight: int = 0
+    batch_queue_depth: int = 0
 
     @property
     def busy(self) -> bool:
         return self.in_flight > 0 or self.queue_depth > 0
+
+    @property
+    def interactive(self) -> int:
+        """Interactive requests in flight or queued: what batch work must not take the GPU from."""
+        return max(0, self.in_flight - self.batch_in_flight) + max(0, self.queue_depth - self.batch_queue_depth)
 
 
 @dataclass(frozen=True)
@@ -79,6 +105,12 @@ class WaitingModel:
     queue_depth: int
     #: seconds its oldest waiter has waited
     oldest_wait: float
+    #: the batch requests among `queue_depth`
+    batch_depth: int = 0
+
+    @property
+    def interactive_depth(self) -> int:
+        return max(0, self.queue_depth - self.batch_depth)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,10 @@ window and coalescing included (llmux 0.7 documented 0 as "always switch
 immediately", like fifo; its code still held the serving window). Unlike llmux 0.7, a deferral that ends re-evaluates all of this with fresh
 numbers (the switcher asks again), so a deferral whose requests have gone does
 not switch.
+
+Priority (policies/priority.py): a batch-only target yields to interactive
+work until it is stale; an interactive target takes the GPU at once from a
+model serving only batch work.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Optional
 
 from llmuxd.policies.base import NOW, SKIP, Decision, PolicyContext, TickContext
 from llmuxd.policies.costs import SwitchCosts
+from llmuxd.policies.priority import batch_recheck, batch_yields, interactive_preempts
 
 
 class CostAwarePolicy:
@@ -48,7 +53,9 @@ class CostAwarePolicy:
             return NOW
         if ctx.target_queue_depth == 0:
             return SKIP
-        if self.amortization_factor == 0:
+        if batch_yields(ctx, self.max_wait):
+            return batch_recheck(ctx, self.max_wait)
+        if self.amortization_factor == 0 or interactive_preempts(ctx):
             return NOW
         to_stale = self.max_wait - ctx.oldest_wait
         if to_stale <= 0:

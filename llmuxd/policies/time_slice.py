@@ -6,6 +6,11 @@ had `min_quantum` seconds; the tick then switches to the longest queue. The
 tick itself enforces `max_wait`: a model whose oldest request has waited that
 long gets the GPU even from a busy model (which is drained, not cut off).
 Ties are broken deterministically: deeper queue, then older waiter, then name.
+
+Priority (policies/priority.py): models with interactive waiters are picked
+before batch-only ones (among stale ones, the oldest first), and for them a model serving only
+batch work counts as idle (its batch requests are drained); batch-only
+waiters wait for a truly idle moment, or until they are stale.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 from typing import Optional
 
 from llmuxd.policies.base import NOW, SKIP, Decision, PolicyContext, TickContext, WaitingModel
+from llmuxd.policies.priority import interactive_rank, yields_to_interactive
 
 
 def _rank(w: WaitingModel) -> tuple:
@@ -43,6 +49,11 @@ class TimeSlicePolicy:
         stale = [w for w in waiting if w.oldest_wait >= self.max_wait]
         if stale:
             return min(stale, key=lambda w: (-w.oldest_wait, w.name)).name
+        interactive = [w for w in waiting if w.interactive_depth > 0]
+        if interactive:
+            if ctx.awake and not any(yields_to_interactive(a, self.min_quantum) for a in ctx.awake):
+                return None
+            return min(interactive, key=interactive_rank).name
         if ctx.awake:
             ready = [a for a in ctx.awake if not a.busy and a.active_duration >= self.min_quantum]
             if not ready:

@@ -13,7 +13,7 @@ from typing import Any, Awaitable, Callable, Dict, List, Optional
 
 from llmuxd.errors import InvalidEviction, ModelPinned, SwitchTimeout, UnknownModel
 from llmuxd.events import ModeChanged
-from llmuxd.eviction import Eviction, EvictionError
+from llmuxd.eviction import DEFAULT_ENGINE, Eviction, EvictionError, check_engine
 from llmuxd.policies import Policy, SwitchCosts, make_policy
 from llmuxd.switching.errors import InvalidMode, ShuttingDown
 from llmuxd.switching.state import DEFAULT_GROUP, GroupRuntime, Listener, Mode, ModelRuntime, ModelState, Op
@@ -134,6 +134,8 @@ class Controls:
         """Drain `model`, then sleep it with `eviction` (default: its configured/overridden one)."""
         m = self._model(model)
         ev = _parse_eviction(eviction) if eviction is not None else None
+        if ev is not None:
+            self._check_engine(model, ev)
         if not m.awake:
             return
         await self._await_op(m, self._submit(m, "sleep", ev), None)
@@ -153,7 +155,16 @@ class Controls:
             ev.check_allowed(shared_budget=self._groups[m.group].budget_gib is not None)
         except EvictionError as exc:
             raise InvalidEviction(f"model '{model}': {exc}") from None
+        self._check_engine(model, ev)
         m.eviction_override = ev
+
+    def _check_engine(self, model: str, eviction: Eviction) -> None:
+        """An eviction the model's engine cannot do is refused before anything is touched."""
+        config = self._config.models.get(model)
+        try:
+            check_engine(eviction, getattr(config, "engine", DEFAULT_ENGINE), model)
+        except EvictionError as exc:
+            raise InvalidEviction(str(exc)) from None
 
     def eviction_for(self, model: str) -> Eviction:
         m = self._model(model)

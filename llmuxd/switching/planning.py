@@ -9,6 +9,7 @@ import math
 from typing import List, Optional, Protocol
 
 from llmuxd.policies import SwitchCosts
+from llmuxd.switching.demand import interactive_work
 from llmuxd.switching.state import GroupRuntime, ModelRuntime, ModelState
 
 class PolicySettings(Protocol):
@@ -42,7 +43,8 @@ def plan_victims(g: GroupRuntime, target: ModelRuntime, pinned: Optional[str]) -
     if used + need <= g.budget_gib + BUDGET_EPS:
         return []
     victims: List[ModelRuntime] = []
-    for a in sorted(awake, key=lambda a: (a.busy, a.name == pinned, a.last_used)):
+    # idle first, then busy with batch work only, then with interactive work
+    for a in sorted(awake, key=lambda a: (a.busy, interactive_work(a), a.name == pinned, a.last_used)):
         victims.append(a)
         used -= memory_gib(g, a)
         if used + need <= g.budget_gib + BUDGET_EPS:

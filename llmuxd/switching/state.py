@@ -15,8 +15,10 @@ from typing import Callable, Deque, Dict, List, Optional, Tuple
 from llmuxd.events import SwitchEvent
 from llmuxd.eviction import Eviction
 from llmuxd.lifecycle import BackendDetail, BackendState
+from llmuxd.priority import DEFAULT_PRIORITY, Priority
 
 DEFAULT_GROUP = "default"
+_ABSENT = object()
 Listener = Callable[[SwitchEvent], None]
 
 
@@ -50,6 +52,8 @@ class Waiter:
     enqueued_at: float
     future: "asyncio.Future[Lease]"
     timer: Optional[asyncio.TimerHandle] = None
+    #: interactive waiters count before batch ones in every policy (llmuxd/policies/priority.py)
+    priority: Priority = DEFAULT_PRIORITY
 
 
 @dataclass(eq=False)
@@ -61,6 +65,10 @@ class ModelRuntime:
     #: waiters in arrival order (a dict: O(1) removal when one times out)
     queue: Dict[Waiter, None] = field(default_factory=dict)
     in_flight: int = 0
+    #: the batch leases among `in_flight` (the rest are interactive)
+    batch_in_flight: int = 0
+    #: the batch waiters in `queue`; kept by enqueue()/dequeue(), use them
+    batch_waiting: int = 0
     activated_at: Optional[float] = None
     last_used: float = 0.0
     last_error: Optional[str] = None
@@ -84,6 +92,23 @@ class ModelRuntime:
         for waiter in self.queue:
             return waiter.enqueued_at
         return None
+
+    def enqueue(self, waiter: Waiter) -> None:
+        self.queue[waiter] = None
+        if waiter.priority is Priority.BATCH:
+            self.batch_waiting += 1
+
+    def dequeue(self, waiter: Waiter) -> bool:
+        """Take `waiter` out of the queue; False if it was not in it."""
+        if self.queue.pop(waiter, _ABSENT) is _ABSENT:
+            return False
+        if waiter.priority is Priority.BATCH and self.batch_waiting > 0:
+            self.batch_waiting -= 1
+        return True
+
+    @property
+    def interactive_waiting(self) -> int:
+        return max(0, len(self.queue) - self.batch_waiting)
 
 
 @dataclass(eq=False)
@@ -124,11 +149,19 @@ class Lease:
     twice is harmless. Works as `with` and `async with`.
     """
 
-    __slots__ = ("model", "endpoint", "_runtime", "_on_release", "_released")
+    __slots__ = ("model", "endpoint", "priority", "_runtime", "_on_release", "_released")
 
-    def __init__(self, on_release: Callable[[ModelRuntime], None], runtime: ModelRuntime, endpoint: str):
+    def __init__(
+        self,
+        on_release: Callable[[ModelRuntime, Priority], None],
+        runtime: ModelRuntime,
+        endpoint: str,
+        priority: Priority = DEFAULT_PRIORITY,
+    ):
         self.model = runtime.name
         self.endpoint = endpoint
+        #: so the switcher knows which in-flight requests are interactive
+        self.priority = priority
         self._runtime = runtime
         self._on_release = on_release  # the switcher's bookkeeping (in-flight, drain)
         self._released = False
@@ -141,7 +174,7 @@ class Lease:
         if self._released:
             return
         self._released = True
-        self._on_release(self._runtime)
+        self._on_release(self._runtime, self.priority)
 
     def __enter__(self) -> "Lease":
         return self

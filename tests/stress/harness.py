@@ -195,7 +195,10 @@ def http(url: str, data: bytes | None = None, timeout: float = 30.0,
 class Daemon:
     """`llmuxd run` as a real process; its log goes to a file."""
 
-    def __init__(self, config: Path, log: Path, *, log_level: str = "info"):
+    def __init__(self, config: Path, log: Path, *, log_level: str = "info",
+                 launcher: list[str] | None = None):
+        #: the command before `run --config ...`: the daemon's module, or a test hook's script
+        self.launcher = launcher or [sys.executable, "-m", "llmuxd.daemon.main"]
         self.config_path = config
         self.config = yaml.safe_load(config.read_text())
         self.base = f"http://{self.config['listen']}"
@@ -209,8 +212,7 @@ class Daemon:
 
     def start(self) -> "Daemon":
         self._log_file = open(self.log_path, "ab")
-        argv = [sys.executable, "-m", "llmuxd.daemon.main", "run", "--config", str(self.config_path),
-                "--log-level", self.log_level]
+        argv = [*self.launcher, "run", "--config", str(self.config_path), "--log-level", self.log_level]
         self.proc = subprocess.Popen(
             argv, stdout=self._log_file, stderr=subprocess.STDOUT,
             env=daemon_env(), cwd=str(REPO),
@@ -339,6 +341,7 @@ class Req:
     kind: str = "chat"  # chat | completion | embedding
     abandon_after: float | None = None  # seconds of reading, then hang up
     client: str = "aiohttp"  # aiohttp | openai
+    headers: dict[str, str] = field(default_factory=dict)  # extra request headers
 
 
 @dataclass
@@ -360,6 +363,10 @@ class Outcome:
     lines_read: int = 0
     last_line: bytes = b""
     body_reader: Any = field(default=None, repr=False)
+    #: a stream's first event: when it arrived (time.monotonic()), and an
+    #: asyncio.Event send() sets then (or when it ends without one)
+    first_event_at: float | None = None
+    on_first_event: Any = field(default=None, repr=False)
 
     @property
     def ended_at_event_boundary(self) -> bool:
@@ -432,9 +439,11 @@ def _stamp(out: Outcome, headers: Any) -> None:
         out.stamps.add(headers[SIM_MODEL_HEADER])
 
 
-async def send(session: aiohttp.ClientSession, base: str, r: Req, deadline: float) -> Outcome:
-    """Send one request and follow it to its end (or to `deadline` seconds)."""
-    out = Outcome(r)
+async def send(session: aiohttp.ClientSession, base: str, r: Req, deadline: float,
+               streaming: asyncio.Event | None = None) -> Outcome:
+    """Send one request and follow it to its end (or to `deadline` seconds).
+    `streaming` is set once a stream's first event arrived (or it ended without one)."""
+    out = Outcome(r, on_first_event=streaming)
     t0 = out.started = time.monotonic()
     try:
         if r.client == "openai":
@@ -448,6 +457,9 @@ async def send(session: aiohttp.ClientSession, base: str, r: Req, deadline: floa
             out.stream_error = f"{type(exc).__name__}: {exc}"
             if out.status is None:
                 out.lost = True  # the connection broke before any answer
+    finally:
+        if streaming is not None:
+            streaming.set()  # nobody waits for a first event that will not come
     out.elapsed = time.monotonic() - t0
     return out
 
@@ -476,6 +488,10 @@ async def sse_events(resp: aiohttp.ClientResponse, out: Outcome) -> AsyncIterato
             out.done = True
             continue
         event = json.loads(data)
+        if out.first_event_at is None:
+            out.first_event_at = time.monotonic()
+            if out.on_first_event is not None:
+                out.on_first_event.set()
         if "error" in event:
             out.stream_error = str(event["error"])[:200]
             continue
@@ -485,7 +501,7 @@ async def sse_events(resp: aiohttp.ClientResponse, out: Outcome) -> AsyncIterato
 async def _send_aiohttp(session: aiohttp.ClientSession, base: str, r: Req, out: Outcome) -> None:
     path, body = _payload(r)
     t0 = time.monotonic()
-    async with session.post(base + path, json=body) as resp:
+    async with session.post(base + path, json=body, headers=r.headers or None) as resp:
         out.status = resp.status
         _stamp(out, resp.headers)
         if resp.status != 200:
@@ -518,7 +534,7 @@ async def _send_openai(base: str, r: Req, out: Outcome) -> None:
     import openai
 
     client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="none", max_retries=0,
-                                timeout=REQUEST_TIMEOUT + LOST_GRACE)
+                                timeout=REQUEST_TIMEOUT + LOST_GRACE, default_headers=r.headers or None)
     try:
         messages = [{"role": "user", "content": r.prompt}]
         if r.stream:
@@ -902,9 +918,10 @@ def assert_watched(report: Report) -> None:
         f"it stalled, so the invariants went unwatched")
 
 
-def start_daemon(tmp: Path, models: Iterable[SimModel], **config: Any) -> Daemon:
+def start_daemon(tmp: Path, models: Iterable[SimModel], *, launcher: list[str] | None = None,
+                 **config: Any) -> Daemon:
     path = write_config(tmp, list(models), **config)
-    return Daemon(path, tmp / "llmuxd.log").start()
+    return Daemon(path, tmp / "llmuxd.log", launcher=launcher).start()
 
 
 def stop_and_check(daemon: Daemon) -> None:

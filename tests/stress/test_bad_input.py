@@ -15,6 +15,7 @@ import json
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import aiohttp
@@ -102,6 +103,59 @@ def test_bad_inputs_leave_the_daemon_serving(daemon):
     still_serving(daemon)
     text = daemon.metrics()
     assert 'llmux_requests_total{key="",model="",status="400",' in text, "bad requests are counted, unlabelled"
+
+
+#: what an attacker sends to flood a server's log or stack: one JSON value nested
+#: DEPTH levels deep, and a header line of HEADER_BYTES
+DEPTH = 100_000
+HEADER_BYTES = 100 * 1024
+#: requests with an oversized header sent in a row (each once wrote a traceback)
+HEADER_FLOOD = 20
+
+
+def raw_request(daemon: Daemon, head: bytes) -> bytes:
+    """Send one request's bytes on a fresh connection; the status line answered."""
+    with socket.create_connection(host_port(daemon), timeout=30) as s:
+        s.sendall(head)
+        answer = b""
+        while b"\r\n" not in answer:
+            got = s.recv(65536)
+            if not got:
+                break
+            answer += got
+    return answer.split(b"\r\n", 1)[0]
+
+
+def log_since(daemon: Daemon, offset: int) -> str:
+    return daemon.log()[offset:]
+
+
+def test_deep_json_and_huge_headers_are_400_and_the_log_stays_quiet(daemon):
+    """JSON nested 100,000 levels deep is an OpenAI-shaped 400 naming the
+    nesting limit (it was a 500 and a RecursionError traceback); a 100 KB
+    header is aiohttp's 400, logged as one warning line without a traceback
+    however many arrive (each was an ERROR traceback: a way to flood the journal)."""
+    offset = len(daemon.log())
+    nested = b"[" * DEPTH + b"]" * DEPTH
+    for raw in (b'{"model": "alpha", "messages": ' + nested + b"}", nested, b'{"a":' * DEPTH + b"1" + b"}" * DEPTH):
+        got, _, body = post(daemon, raw)
+        assert got == 400, body
+        assert "nests JSON deeper than" in body["error"]["message"], body
+        assert body["error"]["code"] == 400 and body["error"]["type"], body
+    big = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Padding: " + b"a" * HEADER_BYTES
+           + b"\r\nContent-Length: 2\r\n\r\n{}")
+    for _ in range(HEADER_FLOOD):
+        status_line = raw_request(daemon, big)
+        assert status_line.split()[1:2] == [b"400"], status_line
+    still_serving(daemon)
+    deadline = time.monotonic() + 10
+    while "refused a malformed HTTP request" not in log_since(daemon, offset) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    text = log_since(daemon, offset)
+    warnings = [line for line in text.splitlines() if "refused a malformed HTTP request" in line]
+    assert len(warnings) == 1, f"one warning line for {HEADER_FLOOD} bad requests, got:\n{text[-4000:]}"
+    assert "Traceback" not in text and "RecursionError" not in text, text[-4000:]
+    assert not [line for line in text.splitlines() if " ERROR " in line], text[-4000:]
 
 
 def test_50_mb_body_is_413_before_it_is_read(daemon):

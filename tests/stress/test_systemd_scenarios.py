@@ -19,12 +19,16 @@ connection per request, both models, a third of them streamed). The promise
   old one finishes what it accepted, including connections whose request is
   still on its way when it begins to stop ("late senders");
 - every non-streamed request is answered 200 by the model it asked for;
-- every stream is complete, or ended right after a whole SSE event; the
-  long streams in flight when the restart begins are complete (the old
-  daemon drains before it exits);
+- every stream whose length fits within the old daemon's drain time
+  (SHUTDOWN_DRAIN, 60 s) is complete, those in flight when the restart
+  begins included (the old daemon drains before it exits); only a longer one
+  may end early, and then right after a whole SSE event (the README's promise);
+- requests and streams really are in flight when `systemctl restart` (or
+  `reload`) begins: counted from what the clients saw, printed, and > 0;
 - the backends keep running through it (same MainPID of every model unit),
   the daemon does not (a new MainPID; a reload keeps it), no invariant is
-  violated meanwhile, and leases settle after it.
+  violated meanwhile (the watcher is judged: it kept sampling through it),
+  and leases settle after it.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -40,9 +44,10 @@ import aiohttp
 import pytest
 
 from harness import (
-    LOST_GRACE, REQUEST_TIMEOUT, Outcome, Req, Scenario, SimModel, SystemdDaemon, Watcher, Wave,
-    alternating, check, run_scenario, send,
+    LOST_GRACE, REQUEST_TIMEOUT, Outcome, Report, Req, Scenario, SimModel, SystemdDaemon, Watcher, Wave,
+    alternating, assert_watched, check, run_scenario, send,
 )
+from llmuxd.daemon.system import SHUTDOWN_DRAIN
 from test_scenarios import SCENARIOS as TWO_MODEL_SCENARIOS
 from test_three_models import SCENARIOS as THREE_MODEL_SCENARIOS
 
@@ -64,6 +69,8 @@ LONG_STREAMS = 4
 LONG_TOKENS = 150
 #: connections opened before the restart that send their request once llmuxd is stopping
 LATE_SENDERS = 4
+#: the simulators' token rate: a stream of max_tokens lasts max_tokens / STREAM_RATE seconds
+STREAM_RATE = SimModel(A).tokens_per_s
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +120,16 @@ def classify(o: Outcome) -> str:
     if not problems:
         return "ok"
     if r.stream and o.ended_at_event_boundary and all(p.startswith("cut") for p in problems):
-        return "ok"  # a stream ended cleanly after a whole event: a client can tell and retry
+        if not fits_in_drain(r):
+            return "ok"  # longer than the drain: it may end after a whole event, saying so
+        return "cut short"  # it would have finished within the drain: it had to
     return "cut mid-event" if r.stream else "broken"
+
+
+def fits_in_drain(r: Req) -> bool:
+    """Whether the whole stream (so whatever remained of it when the restart
+    began) fits within the old daemon's drain time."""
+    return r.max_tokens / STREAM_RATE <= SHUTDOWN_DRAIN
 
 
 def restart_problems(o: Outcome) -> list[str]:
@@ -129,9 +144,13 @@ def restart_problems(o: Outcome) -> list[str]:
     return [f"{kind}: {what}: {detail}"[:400]]
 
 
+#: a stream longer than the drain time (it may end early, after a whole event)
+OVERLONG = int(SHUTDOWN_DRAIN * STREAM_RATE) + 1
+
+
 def _answer(status, *, stamps=(A,), stream=False, done=True, error=None, lost=False, finish="length",
-            tail=b"\n", unread=0):
-    o = Outcome(Req(A, stream=stream), status=status, stamps=set(stamps), finish_reason=finish, done=done,
+            tail=b"\n", unread=0, max_tokens=4):
+    o = Outcome(Req(A, stream=stream, max_tokens=max_tokens), status=status, stamps=set(stamps), finish_reason=finish, done=done,
                 stream_error=error, lost=lost, error_body={"error": {"message": "m", "type": "t"}},
                 last_line=tail, lines_read=10)
     o.body_reader = type("Reader", (), {"total_bytes": 10 + unread})()
@@ -141,10 +160,17 @@ def _answer(status, *, stamps=(A,), stream=False, done=True, error=None, lost=Fa
 RESTART_RULE = [  # (what, outcome, kind)
     ("200", _answer(200), "ok"),
     ("stream complete", _answer(200, stream=True), "ok"),
-    ("stream closed after a whole event", _answer(200, stream=True, done=False, finish=None,
-                                                  error="ClientPayloadError"), "ok"),
-    ("stream closed after an error event", _answer(200, stream=True, done=False, finish=None,
-                                                   error="{'message': 'llmuxd is restarting'}"), "ok"),
+    # a stream that fits within the drain must finish whole, however cleanly it ended
+    ("short stream closed after a whole event", _answer(200, stream=True, done=False, finish=None,
+                                                        error="ClientPayloadError"), "cut short"),
+    ("short stream closed after an error event", _answer(200, stream=True, done=False, finish=None,
+                                                         error="{'message': 'llmuxd is restarting'}"), "cut short"),
+    ("long stream closed after a whole event", _answer(200, stream=True, done=False, finish=None, max_tokens=OVERLONG,
+                                                       error="ClientPayloadError"), "ok"),
+    ("long stream closed after an error event", _answer(200, stream=True, done=False, finish=None, max_tokens=OVERLONG,
+                                                        error="{'message': 'llmuxd is restarting'}"), "ok"),
+    ("long stream cut inside an event line", _answer(200, stream=True, done=False, finish=None, max_tokens=OVERLONG,
+                                                     tail=b'data: {"id"', error="ClientPayloadError"), "cut mid-event"),
     ("stream cut inside an event line", _answer(200, stream=True, done=False, finish=None, tail=b'data: {"id"',
                                                 error="ClientPayloadError"), "cut mid-event"),
     ("stream cut with bytes unread", _answer(200, stream=True, done=False, finish=None, unread=7,
@@ -166,10 +192,33 @@ def test_restart_rule(outcome, kind):
     assert bool(restart_problems(outcome)) == (kind != "ok")
 
 
-async def send_when(base: str, req: Req, gate: asyncio.Event, deadline: float) -> Outcome:
-    """Connect now, send `req` only once `gate` is set (a client whose request
-    is still on its way when llmuxd begins to stop), read the whole answer.
-    Raw HTTP/1.1: aiohttp cannot connect without sending."""
+def _timed(start: float, elapsed: float, *, stream: bool = False, first_event: float | None = None) -> Outcome:
+    o = _answer(200, stream=stream)
+    o.started, o.elapsed, o.first_event_at = start, elapsed, first_event
+    return o
+
+
+IN_FLIGHT = [  # (what, outcomes, (requests, streams) in flight at t=10)
+    ("all answered before", [_timed(1, 2), _timed(5, 4.9, stream=True, first_event=6)], (0, 0)),
+    ("all sent after", [_timed(10.5, 1), _timed(11, 2, stream=True, first_event=11.1)], (0, 0)),
+    ("a request across it", [_timed(9, 2)], (1, 0)),
+    ("a stream under way across it", [_timed(9, 2, stream=True, first_event=9.5)], (1, 1)),
+    ("a stream still waiting for its first event", [_timed(9, 2, stream=True, first_event=10.5)], (1, 0)),
+]
+
+
+@pytest.mark.parametrize("outcomes,expected", [r[1:] for r in IN_FLIGHT], ids=[r[0] for r in IN_FLIGHT])
+def test_in_flight_when_it_began(outcomes, expected):
+    """The judge's proof that the restart happened under load counts only what spans its start."""
+    run = LoadRun(outcomes, 10.0, 12.0, [], [], Report("x", [], [], 0, 0))
+    assert run.in_flight_at_begin() == expected
+
+
+async def send_when(base: str, req: Req, gate: asyncio.Event, deadline: float,
+                    connected: asyncio.Event) -> Outcome:
+    """Connect now (then set `connected`), send `req` only once `gate` is set (a
+    client whose request is still on its way when llmuxd begins to stop), read
+    the whole answer. Raw HTTP/1.1: aiohttp cannot connect without sending."""
     out = Outcome(req)
     out.started = time.monotonic()
     path = "/v1/completions"
@@ -180,6 +229,8 @@ async def send_when(base: str, req: Req, gate: asyncio.Event, deadline: float) -
     except OSError as exc:
         out.lost, out.stream_error = True, f"ClientConnectorError: {exc}"
         return out
+    finally:
+        connected.set()  # (also when it failed: the judge sees that outcome)
     try:
         await gate.wait()
         writer.write(b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
@@ -223,7 +274,22 @@ class LoadRun:
     end: float
     long_streams: list[Outcome]
     late_senders: list[Outcome]
-    violations: list[str]
+    watched: Report  # the watcher's samples and violations (its outcomes are not its to judge)
+
+    @property
+    def violations(self) -> list[str]:
+        return self.watched.violations
+
+    def in_flight_at_begin(self) -> tuple[int, int]:
+        """(requests, streams) in flight when the action began, as the clients
+        saw them: sent before and answered after; a stream counts once its
+        first event had arrived before."""
+        def spans(o: Outcome) -> bool:
+            return o.started < self.begin < o.started + o.elapsed
+        requests = sum(1 for o in self.outcomes if spans(o))
+        streams = sum(1 for o in self.outcomes if o.req.stream and spans(o)
+                      and o.first_event_at is not None and o.first_event_at < self.begin)
+        return requests, streams
 
     def counts(self) -> dict[str, int]:
         found: dict[str, int] = {}
@@ -236,16 +302,19 @@ class LoadRun:
         before = sum(1 for o in self.outcomes if o.started + o.elapsed < self.begin)
         after = sum(1 for o in self.outcomes if o.started > self.end)
         during = len(self.outcomes) - before - after
-        return (f"{what}: {len(self.outcomes)} requests ({before} before, {during} during, {after} after), "
+        requests, streams = self.in_flight_at_begin()
+        return (f"{what}: {len(self.outcomes)} requests ({before} before, {during} during, {after} after; "
+                f"{requests} in flight when it began, {streams} of them streams under way), "
                 f"outcomes {self.counts()}")
 
 
 async def under_load(d: SystemdDaemon, action: Callable[[], None], *, stopping: Callable[[], bool]) -> LoadRun:
     """Keep LOAD_CLIENTS clients sending (both models, a third streaming, a new
     connection per request) and run `action` (blocking: in a thread) once they
-    are going. Also in flight when it begins: LONG_STREAMS long streams, and
-    LATE_SENDERS connections that send their request only once `stopping()`
-    says the old daemon has begun to stop (or the action returned)."""
+    are going. Also in flight when it begins: LONG_STREAMS long streams (each
+    has had its first event), and LATE_SENDERS connections (each connected)
+    that send their request only once `stopping()` says the old daemon has
+    begun to stop (or the action returned)."""
     outcomes: list[Outcome] = []
     window: dict[str, float] = {}
     stop = asyncio.Event()
@@ -277,12 +346,14 @@ async def under_load(d: SystemdDaemon, action: Callable[[], None], *, stopping: 
             try:
                 await asyncio.wait_for(wait_count(2 * LOAD_CLIENTS), deadline)
                 model = next((m["id"] for m in await _models(session, d) if m["llmux"]["state"] == "active"), A)
-                longs = [asyncio.ensure_future(send(session, d.base, Req(model, stream=True,
-                                                                         max_tokens=LONG_TOKENS), deadline))
-                         for _ in range(LONG_STREAMS)]
-                late = [asyncio.ensure_future(send_when(d.base, Req(m, kind="completion"), gate, deadline))
-                        for m in (A, B) * (LATE_SENDERS // 2)]
-                await asyncio.sleep(0.5)  # the long streams are under way, the late senders connected
+                under_way = [asyncio.Event() for _ in range(LONG_STREAMS + LATE_SENDERS)]
+                longs = [asyncio.ensure_future(send(session, d.base, Req(model, stream=True, max_tokens=LONG_TOKENS),
+                                                    deadline, streaming=event))
+                         for event in under_way[:LONG_STREAMS]]
+                late = [asyncio.ensure_future(send_when(d.base, Req(m, kind="completion"), gate, deadline, event))
+                        for m, event in zip((A, B) * (LATE_SENDERS // 2), under_way[LONG_STREAMS:])]
+                # the long streams have their first event, the late senders are connected
+                await asyncio.wait_for(asyncio.gather(*(event.wait() for event in under_way)), deadline)
                 gating = asyncio.ensure_future(open_gate())
                 window["begin"] = time.monotonic()
                 try:
@@ -301,7 +372,9 @@ async def under_load(d: SystemdDaemon, action: Callable[[], None], *, stopping: 
             (longs, late), *_ = await asyncio.gather(act(), *(client(i) for i in range(LOAD_CLIENTS)))
         finally:
             await watcher.stop()
-    return LoadRun(outcomes + longs + late, window["begin"], window["end"], longs, late, watcher.violations)
+    watched = Report("under_load", [], watcher.violations, watcher.samples, watcher.max_in_flight,
+                     watcher.peak_awake, watcher.watched_s, watcher.interval)
+    return LoadRun(outcomes + longs + late, window["begin"], window["end"], longs, late, watched)
 
 
 async def _models(session: aiohttp.ClientSession, d: SystemdDaemon) -> list[dict]:
@@ -316,11 +389,15 @@ def judge(run: LoadRun, what: str) -> None:
     unfinished = [o for o in run.long_streams if not o.done]
     head = run.summary(what)
     print(head)
+    requests, streams = run.in_flight_at_begin()
     record_summary(what, len(run.outcomes), problems, run.violations, bool(problems or run.violations or unfinished))
     assert not problems and not run.violations, "\n".join(
         [head, *problems[:30], *(f"violation: {v}" for v in run.violations)])
     assert not unfinished, (f"{head}\n{len(unfinished)} of {len(run.long_streams)} streams in flight when it "
                             f"began did not finish: {[classify(o) for o in unfinished]}")
+    # it proves something only if it happened under load: requests and streams in flight
+    assert requests > 0 and streams > 0, f"{head}\nnothing was in flight when it began"
+    assert_watched(replace(run.watched, scenario=what))  # it kept sampling through it
     before = sum(1 for o in run.outcomes if o.started + o.elapsed < run.begin)
     after = sum(1 for o in run.outcomes if o.started > run.end)
     assert before > 0 and after > 0, head  # the load really ran across it

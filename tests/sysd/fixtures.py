@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import pytest
 
+from skip_policy import require_marker
 from sysd.testbed import TestSystemd, unavailable_reason
 
 
 @pytest.fixture(scope="session")
 def real_systemd():
+    require_marker("systemd", "boots the test systemd")  # the first user; the rest: skip_policy's call hook
     reason = unavailable_reason()
     if reason:
         pytest.skip(reason)

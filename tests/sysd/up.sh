@@ -105,6 +105,11 @@ cat >"$D/stage2.sh" <<EOF
 set -e
 mount --make-rprivate /
 mount --bind "$D/run" /run
+# LoadCredential=: systemd mounts a unit's credentials in a child namespace and
+# they reach PID 1's through /run/credentials, a shared tmpfs as on a host (/run)
+mkdir -p /run/credentials
+mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /run/credentials
+mount --make-shared /run/credentials
 mount --bind "$D/console.log" /dev/console
 mount --bind "$D/dbus-system.d" /etc/dbus-1/system.d
 umount -R /sys/fs/cgroup 2>/dev/null || umount -l /sys/fs/cgroup 2>/dev/null || true
