@@ -11,12 +11,14 @@ Two parts, each a side-by-side comparison in one run:
    model's demand well within one host) goes through each, in alternating rounds so that
    drifting machine load hits both. Switches and GPU time come from the hosts' own
    /metrics; latency is the client's.
-2. **Simulated** (seconds, no processes): 16, 32 and 64 hosts on a virtual clock, each the
-   **real `Switcher`** on `tests/fakes.FakeBackends` with a fixed switch cost, the signal
-   built by the daemon's own `host_signal` from each switcher's status, and the router either
-   random (LiteLLM's simple-shuffle) or llmux's `FleetView` + ranking (the code the hook
-   runs), polling every second of virtual time. Profiles: as many models as hosts (each
-   model's demand fits one host) and twice as many (two models' demand per host).
+2. **Simulated** (no processes): 16 and 32 hosts on a virtual clock, each the **real
+   `Switcher`** on `tests/fakes.FakeBackends` with a fixed switch cost, the signal built by
+   the daemon's own `host_signal` from each switcher's status. Routings (SIM_ROUTINGS):
+   LiteLLM's simple-shuffle, least-busy and usage-based strategies, an operator's static
+   assignment that knows the popularity, and llmux's `FleetView` + ranking (the code the
+   hook runs) in front of shuffle or least-busy, reading signals at most a second old.
+   Workloads (WORKLOADS): uniform (N or 2N models on N hosts), Zipf-skewed over 2N models
+   (a hot model needs more than one host), and Zipf whose popularity shifts at half time.
 
 Reported per routing: switches per 1,000 requests (every wake of a model, cold starts
 included), latency p50/p99 (arrival to last byte), GPU-serving % (llmux 0.7's definition:
@@ -33,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import random
 import shutil
 import sys
@@ -52,6 +55,7 @@ from fakes import FakeBackends, make_config, run_virtual  # noqa: E402
 from llmuxd.events import SwitchFinished  # noqa: E402
 from llmuxd.fleet.view import FleetView, HostRecord, host_key  # noqa: E402
 from llmuxd.http.fleet import host_signal  # noqa: E402
+from llmuxd.lifecycle import BackendState  # noqa: E402
 from llmuxd.switcher import Switcher  # noqa: E402
 
 ROUTINGS = ("default", "llmux")
@@ -226,12 +230,25 @@ class InProcessView(FleetView):
         return super().signal(base)
 
 
+#: the routings of the simulation: LiteLLM's strategies, an operator's static assignment,
+#: and llmux's hook in front of LiteLLM's default and of its least-busy strategy
+SIM_ROUTINGS = ("shuffle", "static", "least-busy", "usage", "llmux", "llmux+least-busy")
+BASELINES = ("shuffle", "static", "least-busy", "usage")
+WORKLOADS = ("uniform", "zipf", "shift")
+#: a fleet's share of its capacity that the skewed workloads ask for
+ZIPF_LOAD = 0.6
+#: Zipf exponent of the skewed workloads: the top model of 32 asks for ~2.4 hosts of 16
+ZIPF_S = 1.0
+#: a static assignment keeps each host this busy at most (a model asking more gets more hosts)
+STATIC_FILL = 0.8
+
+
 @dataclass(frozen=True)
 class SimProfile:
     hosts: int
-    models_per_host: int
-    #: one model's demand as a share of one host (arrival rate x service time)
-    load: float
+    workload: str
+    #: models per host: 1 or 2 for `uniform`, 2 for the skewed ones
+    models_per_host: int = 2
 
     @property
     def models(self) -> int:
@@ -239,57 +256,136 @@ class SimProfile:
 
     @property
     def label(self) -> str:
-        return f"{self.hosts} hosts, {self.models} models (sim)"
+        return f"{self.hosts} hosts, {self.models} models, {self.workload} (sim)"
+
+    def demand(self, late: bool) -> List[float]:
+        """Each model's demand in hosts (arrival rate x service time), in model order;
+        `late` is the second half of the run (where `shift` moves popularity)."""
+        n = self.models
+        if self.workload == "uniform":
+            return [0.5 / self.models_per_host] * n
+        weights = [1.0 / (rank + 1) ** ZIPF_S for rank in range(n)]
+        total = sum(weights)
+        shares = [ZIPF_LOAD * self.hosts * w / total for w in weights]
+        if self.workload == "shift" and late:
+            # the popular half and the unpopular half trade places: yesterday's hot model is cold
+            shares = shares[n // 2:] + shares[: n // 2]
+        return shares
+
+
+def arrivals_for(profile: SimProfile, names: Sequence[str], service: float, duration: float,
+                 seed: int) -> List[Tuple[float, str]]:
+    """Poisson arrivals per model, with each model's rate from the profile (per half)."""
+    rng = random.Random(seed)
+    out: List[Tuple[float, str]] = []
+    half = duration / 2
+    for late, (lo, hi) in ((False, (0.0, half)), (True, (half, duration))):
+        for name, demand in zip(names, profile.demand(late)):
+            rate = demand / service
+            t = lo + rng.expovariate(rate)
+            while t < hi:
+                out.append((t, name))
+                t += rng.expovariate(rate)
+    out.sort()
+    return out
+
+
+def static_assignment(profile: SimProfile, names: Sequence[str], hosts: Sequence[str]) -> Dict[str, List[str]]:
+    """What an operator who knows the (first half's) popularity writes: each model on
+    ceil(demand / STATIC_FILL) hosts, the largest demands first, each onto the least
+    filled hosts (longest-processing-time bin packing)."""
+    fill = {h: 0.0 for h in hosts}
+    where: Dict[str, List[str]] = {}
+    for name, demand in sorted(zip(names, profile.demand(False)), key=lambda nd: -nd[1]):
+        copies = max(1, min(len(hosts), math.ceil(demand / STATIC_FILL)))
+        chosen = sorted(hosts, key=lambda h: (fill[h], h))[:copies]
+        for h in chosen:
+            fill[h] += demand / copies
+        where[name] = chosen
+    return where
 
 
 def simulate(profile: SimProfile, routing: str, *, service: float, switch_cost: float, start_cost: float,
-             duration: float, refresh: float, seed: int) -> Tally:
+             duration: float, refresh: float, seed: int, fault: Optional[str] = None) -> Tally:
+    """One routing over one profile on the virtual clock. Every request's outcome is
+    recorded: `lost` counts arrivals that ended with no answer at all, `misrouted`
+    answers served under a lease for another model or by a backend that was not awake
+    with the requested model. `fault` makes the negative controls: "misroute" (one
+    host hands out leases for the wrong model) and "drop" (one host never answers)
+    must be counted."""
     names = [f"m{i:03d}" for i in range(profile.models)]
-    rate = profile.load / service  # arrivals per second per model
-    rng = random.Random(seed)
-    arrivals: List[Tuple[float, str]] = []
-    for name in names:
-        t = rng.expovariate(rate)
-        while t < duration:
-            arrivals.append((t, name))
-            t += rng.expovariate(rate)
-    arrivals.sort()
+    arrivals = arrivals_for(profile, names, service, duration, seed)
     config = make_config(names, policy={"request_timeout": 1e9, "drain_timeout": 1e9, "queue_limit": 100000})
     tally = Tally(routing)
+    outcomes: Dict[int, str] = {}
 
     async def main() -> Tally:
         loop = asyncio.get_running_loop()
         bases = [f"http://h{i:03d}" for i in range(profile.hosts)]
         switchers: Dict[str, Switcher] = {}
+        backends: Dict[str, FakeBackends] = {}
         gpus: Dict[str, asyncio.Lock] = {}
         finished: List[SwitchFinished] = []
         for base in bases:
-            backends = FakeBackends(config, wake_delay=switch_cost, start_delay=start_cost)
-            sw = Switcher(config, backends, clock=loop.time)
+            backends[base] = FakeBackends(config, wake_delay=switch_cost, start_delay=start_cost)
+            sw = Switcher(config, backends[base], clock=loop.time)
             sw.subscribe(lambda e: finished.append(e) if isinstance(e, SwitchFinished) else None)
             await sw.start()
             switchers[base], gpus[base] = sw, asyncio.Lock()
         view = InProcessView({b: (switchers[b], config) for b in bases}, refresh_s=refresh, clock=loop.time)
         pick = random.Random(seed + 1)
+        in_flight = {b: 0 for b in bases}  # what LiteLLM's least-busy counts: its own open requests
+        window: Dict[str, List[float]] = {b: [] for b in bases}  # usage-based: requests this minute
+        static = static_assignment(profile, names, bases)
+
+        def least_busy(among: Sequence[str]) -> str:
+            low = min(in_flight[b] for b in among)
+            return pick.choice([b for b in among if in_flight[b] == low])
+
+        def least_used(among: Sequence[str]) -> str:
+            now = loop.time()
+            for b in among:
+                window[b] = [t for t in window[b] if now - t < 60.0]
+            low = min(len(window[b]) for b in among)
+            return pick.choice([b for b in among if len(window[b]) == low])
 
         def route(model: str) -> str:
-            if routing == "llmux":
-                chosen = view.choose([(b, b, model) for b in bases])
-                if chosen:
-                    return pick.choice(chosen)  # LiteLLM's shuffle among what the hook kept
+            if routing == "static":
+                return pick.choice(static[model])
+            if routing == "least-busy":
+                return least_busy(bases)
+            if routing == "usage":
+                return least_used(bases)
+            if routing.startswith("llmux"):
+                chosen = view.choose([(b, b, model) for b in bases]) or list(bases)
+                return least_busy(chosen) if routing == "llmux+least-busy" else pick.choice(chosen)
             return pick.choice(bases)
 
-        async def request(arrival: float, model: str) -> None:
+        async def request(i: int, arrival: float, model: str) -> None:
             await asyncio.sleep(arrival - loop.time())
             base = route(model)
-            lease = await switchers[base].acquire(model)
-            with lease:
-                async with gpus[base]:
-                    await asyncio.sleep(service)
-            tally.served += 1
-            tally.latencies.append(loop.time() - arrival)
+            if fault == "drop" and base == bases[0]:
+                return  # the negative control of `lost`: no answer at all
+            in_flight[base] += 1
+            window[base].append(loop.time())
+            try:
+                asked = names[(names.index(model) + 1) % len(names)] if fault == "misroute" and base == bases[0] else model
+                lease = await switchers[base].acquire(asked)
+                with lease:
+                    awake = backends[base].states.get(model) == BackendState.READY
+                    async with gpus[base]:
+                        await asyncio.sleep(service)
+                    awake = awake and backends[base].states.get(model) == BackendState.READY
+                outcomes[i] = "ok" if lease.model == model and awake else "misrouted"
+            except Exception as exc:  # noqa: BLE001 - an error answer, counted, not lost
+                outcomes[i] = f"error: {exc}"
+            finally:
+                in_flight[base] -= 1
+            if outcomes[i] == "ok":
+                tally.served += 1
+                tally.latencies.append(loop.time() - arrival)
 
-        await asyncio.gather(*(request(t, m) for t, m in arrivals))
+        await asyncio.gather(*(request(i, t, m) for i, (t, m) in enumerate(arrivals)), return_exceptions=True)
         await view.close()
         for sw in switchers.values():
             await sw.close()
@@ -301,21 +397,46 @@ def simulate(profile: SimProfile, routing: str, *, service: float, switch_cost: 
     run_virtual(main)
     tally.requests = len(arrivals)
     tally.serving_s = tally.served * service
-    tally.lost = tally.requests - tally.served
+    tally.lost = tally.requests - len(outcomes)
+    tally.misrouted = sum(1 for o in outcomes.values() if o == "misrouted")
+    tally.other = sum(1 for o in outcomes.values() if o.startswith("error"))
     return tally
+
+
+def sim_rows(label: str, tallies: Dict[str, Tally]) -> List[List[str]]:
+    """One row per routing, then the best baseline against llmux's best (on each column)."""
+    rows = []
+    for t in tallies.values():
+        rows.append([label, t.routing, str(t.requests), str(t.switches), f"{t.per_1000:.1f}",
+                     f"{t.quantile(0.5):.2f}", f"{t.quantile(0.99):.2f}", f"{t.gpu_percent:.1f}",
+                     f"{t.lost}/{t.misrouted}"])
+    base = [tallies[r] for r in BASELINES if r in tallies]
+    ours = [t for r, t in tallies.items() if r.startswith("llmux")]
+    if base and ours:
+        b_sw = min(base, key=lambda t: t.per_1000)
+        b_p99 = min(base, key=lambda t: t.quantile(0.99))
+        o_sw = min(ours, key=lambda t: t.per_1000)
+        o_p99 = min(ours, key=lambda t: t.quantile(0.99))
+        rows.append([label, f"best baseline / llmux ({b_sw.routing}, {b_p99.routing})", "", "",
+                     ratio(b_sw.per_1000, o_sw.per_1000), "", ratio(b_p99.quantile(0.99), o_p99.quantile(0.99)),
+                     "", ""])
+    return rows
 
 
 def sim_part(args: argparse.Namespace) -> List[List[str]]:
     rows: List[List[str]] = []
+    profiles = []
     for hosts in args.sim_hosts:
-        for per_host in (1, 2):
-            profile = SimProfile(hosts, per_host, load=0.5 / per_host)
-            t0 = time.perf_counter()
-            result = {r: simulate(profile, r, service=args.service, switch_cost=args.switch_cost,
-                                  start_cost=args.start_cost, duration=args.duration, refresh=1.0, seed=7)
-                      for r in ROUTINGS}
-            print(f"  sim {profile.label}: {time.perf_counter() - t0:.1f}s wall", file=sys.stderr)
-            rows += tally_rows(profile.label, result["default"], result["llmux"])
+        for workload in args.workloads:
+            for per_host in ((1, 2) if workload == "uniform" else (2,)):
+                profiles.append(SimProfile(hosts, workload, per_host))
+    for profile in profiles:
+        t0 = time.perf_counter()
+        result = {r: simulate(profile, r, service=args.service, switch_cost=args.switch_cost,
+                              start_cost=args.start_cost, duration=args.duration, refresh=1.0, seed=7)
+                  for r in args.routings}
+        print(f"  sim {profile.label}: {time.perf_counter() - t0:.1f}s wall", file=sys.stderr)
+        rows += sim_rows(profile.label, result)
     return rows
 
 
@@ -330,8 +451,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--rounds", type=int, default=2, help="real: rounds per routing, alternating (default 2)")
     p.add_argument("--refresh", type=float, default=0.5, help="real: the hook's poll interval, s (default 0.5)")
     p.add_argument("--keep", action="store_true", help="real: keep the hosts' and proxies' logs (printed path)")
-    p.add_argument("--sim-hosts", type=int, nargs="+", default=[16, 32, 64], help="sim: fleet sizes")
-    p.add_argument("--duration", type=float, default=150.0, help="sim: seconds of arrivals (default 150)")
+    p.add_argument("--sim-hosts", type=int, nargs="+", default=[16, 32], help="sim: fleet sizes")
+    p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS, help="sim: workloads")
+    p.add_argument("--routings", nargs="+", default=list(SIM_ROUTINGS), choices=SIM_ROUTINGS,
+                   help="sim: routings (default: all)")
+    p.add_argument("--duration", type=float, default=600.0, help="sim: seconds of arrivals (default 600)")
     p.add_argument("--service", type=float, default=0.5, help="sim: seconds per request (default 0.5)")
     p.add_argument("--switch-cost", type=float, default=5.0, help="sim: seconds per wake from sleep (default 5)")
     p.add_argument("--start-cost", type=float, default=20.0, help="sim: seconds per cold start (default 20)")

@@ -89,6 +89,13 @@ def format_status(status: dict) -> str:
     lines = [head, ""]
     for r in rows:
         lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    idle = [(n, m["idle_left_usec"]) for n, m in sorted(status.get("models", {}).items()) if "idle_left_usec" in m]
+    if idle:
+        lines.append("")
+        lines.extend(f"{n}: idle, put to sleep in {_seconds(usec)} (idle_timeout)" for n, usec in idle)
+    if status.get("preload"):
+        lines.append("")
+        lines.append("preload: " + ", ".join(f"{n} {p}" for n, p in status["preload"].items()))
     errors = [(n, m["last_error"]) for n, m in sorted(status.get("models", {}).items()) if m.get("last_error")]
     if errors:
         lines.append("")

@@ -63,4 +63,24 @@ class ModeChanged:
     pinned: Optional[str]
 
 
-SwitchEvent = Union[SwitchStarted, SwitchFinished, ModelStateChanged, ModeChanged]
+@dataclass(frozen=True)
+class ModelIdle:
+    """`model` had no request for `idle_for` seconds (its idle_timeout is `timeout`) and is
+    being put to sleep with `eviction` (llmuxd/switching/idle.py)."""
+
+    model: str
+    idle_for: float
+    timeout: float
+    eviction: str
+
+
+@dataclass(frozen=True)
+class PreloadProgress:
+    """A preloaded model reached `progress`: starting, awake, asleep or failed: REASON
+    (llmuxd/switching/preload.py)."""
+
+    model: str
+    progress: str
+
+
+SwitchEvent = Union[SwitchStarted, SwitchFinished, ModelStateChanged, ModeChanged, ModelIdle, PreloadProgress]

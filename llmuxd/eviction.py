@@ -122,31 +122,16 @@ class Eviction:
 
     @property
     def is_noop(self) -> bool:
-        """retain+keep_running evicts nothing: the model stays on the GPU."""
+        """retain+keep_running evicts nothing: the model stays on the GPU (llmux 0.7's
+        "no-op"; it loads, with a warning where its group has no budget: config/habits.py).
+        Every other pair 0.7's README lists loads too; ``offload+stop`` and ``discard+stop``
+        stop the process without the weight step, as in 0.7."""
         return self.weights is WeightStrategy.RETAIN and self.process is ProcessStrategy.KEEP_RUNNING
 
     @property
     def frees_process(self) -> bool:
         """True when no backend process remains after sleep (checkpoint, stop)."""
         return self.process in (ProcessStrategy.CHECKPOINT, ProcessStrategy.STOP)
-
-    def check_allowed(self, *, shared_budget: bool) -> None:
-        """Reject combinations that make no sense for a model.
-
-        ``retain+keep_running`` frees nothing, so it is only allowed where the
-        model's group budget admits more than one awake model.
-        """
-        if self.is_noop and not shared_budget:
-            raise EvictionError(
-                "'retain+keep_running' evicts nothing (no eviction); it is allowed only in a "
-                "GPU group whose budget_gib admits two awake models — choose e.g. "
-                "'offload+keep_running' or set the group's budget_gib"
-            )
-        if self.weights is not WeightStrategy.RETAIN and self.process is ProcessStrategy.STOP:
-            raise EvictionError(
-                f"'{self}' sleeps the weights of a process that is then stopped; "
-                "use 'retain+stop'"
-            )
 
     def to_dict(self) -> dict[str, str]:
         return {"weights": self.weights.value, "process": self.process.value}

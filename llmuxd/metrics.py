@@ -22,10 +22,11 @@ Works on prometheus-client 0.16 (Debian 12) and current releases.
 from __future__ import annotations
 
 import logging
+from bisect import bisect_left
 from typing import Any, Callable, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,9 @@ log = logging.getLogger(__name__)
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 #: queue waits and switches: sub-second wakes to cold starts of large models
 SWITCH_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
+
+#: response body sizes: small JSON answers to long generations
+BODY_SIZE_BUCKETS = (100, 1_000, 10_000, 100_000, 1_000_000, 10_000_000)
 
 #: label value for requests that never resolved to a configured model (400, 404):
 #: user input must not become a label value (unbounded cardinality)
@@ -148,6 +152,9 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        #: llmux 0.7's HTTP metrics (its proxy layer's): counted in plain dicts, exported at scrape
+        self.http = HttpStats()
+        r.register(self.http)
         #: set by the daemon: model -> last measured effectiveness (None: not measurable)
         self.effectiveness_source: Callable[[], Mapping[str, float | None]] | None = None
         #: labelled children of the per-request metrics, by label values (see _child)
@@ -176,6 +183,15 @@ class Metrics:
         if child is None:
             child = cache[labels] = metric.labels(*labels)
         return child
+
+    # -- HTTP (llmux 0.7's onwards layer: every route, by method, endpoint and status)
+
+    def http_started(self, method: str, endpoint: str) -> None:
+        """A request came in (`endpoint`: the route, never a client's made-up path)."""
+        self.http.started(method, endpoint)
+
+    def http_finished(self, method: str, endpoint: str, status: int, seconds: float, body_bytes: int) -> None:
+        self.http.finished(method, endpoint, status, seconds, body_bytes)
 
     # -- switcher -----------------------------------------------------------
 
@@ -230,6 +246,85 @@ class Metrics:
     def render(self) -> tuple[bytes, str]:
         """The text exposition and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+# -- llmux 0.7's HTTP metrics (llmuxd/http/measured.py) -------------------------
+
+HTTP_REQUESTS = "llmux_http_requests"  # exported as llmux_http_requests_total
+HTTP_DURATION = "llmux_http_requests_duration_seconds"
+HTTP_PENDING = "llmux_http_requests_pending"
+HTTP_BODY_SIZE = "llmux_http_response_body_size"
+
+
+class HttpStats:
+    """llmux 0.7's HTTP metrics on every route: `llmux_http_requests_total{method,endpoint,status}`,
+    `llmux_http_requests_duration_seconds` (same labels), `llmux_http_requests_pending{method,endpoint}`
+    and `llmux_http_response_body_size{method,endpoint}`.
+
+    A collector over plain dicts rather than prometheus-client objects: these run twice on every
+    request, and four labelled metric updates cost about 8 µs there (measured, 2.4x llmux's own
+    per-request metrics), where dict and list updates cost a fraction of it. The exposition is the
+    same: histograms with cumulative buckets, a `_sum` and a `_count`."""
+
+    def __init__(self) -> None:
+        self.pending: dict[tuple[str, str], int] = {}
+        #: (method, endpoint, status) -> [count, sum of seconds, per-bucket counts (not cumulative)]
+        self.requests: dict[tuple[str, str, str], list] = {}
+        #: (method, endpoint) -> [count, sum of bytes, per-bucket counts]
+        self.sizes: dict[tuple[str, str], list] = {}
+
+    def started(self, method: str, endpoint: str) -> None:
+        key = (method, endpoint)
+        self.pending[key] = self.pending.get(key, 0) + 1
+
+    def finished(self, method: str, endpoint: str, status: int, seconds: float, body_bytes: int) -> None:
+        key = (method, endpoint)
+        self.pending[key] = self.pending.get(key, 1) - 1
+        _observe(self.requests, (method, endpoint, str(status)), REQUEST_BUCKETS, seconds)
+        _observe(self.sizes, key, BODY_SIZE_BUCKETS, body_bytes)
+
+    def describe(self) -> Iterable[Any]:
+        return self._families()
+
+    def _families(self) -> list:
+        return [
+            CounterMetricFamily(HTTP_REQUESTS, "HTTP requests answered, by method, endpoint and status (llmux 0.7)",
+                                labels=["method", "endpoint", "status"]),
+            HistogramMetricFamily(HTTP_DURATION, "Time to answer an HTTP request, to the last byte (llmux 0.7)",
+                                  labels=["method", "endpoint", "status"]),
+            GaugeMetricFamily(HTTP_PENDING, "HTTP requests being answered now (llmux 0.7)",
+                              labels=["method", "endpoint"]),
+            HistogramMetricFamily(HTTP_BODY_SIZE, "Bytes of HTTP response bodies (llmux 0.7)",
+                                  labels=["method", "endpoint"]),
+        ]
+
+    def collect(self) -> Iterable[Any]:
+        total, duration, pending, size = families = self._families()
+        for labels, (count, seconds, buckets) in sorted(self.requests.items()):
+            total.add_metric(list(labels), count)
+            duration.add_metric(list(labels), _cumulative(REQUEST_BUCKETS, buckets), seconds)
+        for key, value in sorted(self.pending.items()):
+            pending.add_metric(list(key), value)
+        for key, (count, total_bytes, buckets) in sorted(self.sizes.items()):
+            size.add_metric(list(key), _cumulative(BODY_SIZE_BUCKETS, buckets), total_bytes)
+        return families
+
+
+def _observe(table: dict, key: tuple, bounds: tuple, value: float) -> None:
+    stats = table.get(key)
+    if stats is None:
+        stats = table[key] = [0, 0.0, [0] * (len(bounds) + 1)]
+    stats[0] += 1
+    stats[1] += value
+    stats[2][bisect_left(bounds, value)] += 1  # le is inclusive: the first bound >= value
+
+
+def _cumulative(bounds: tuple, counts: list) -> list:
+    out, running = [], 0
+    for bound, count in zip(list(bounds) + [float("inf")], counts):
+        running += count
+        out.append(("+Inf" if bound == float("inf") else repr(float(bound)), running))
+    return out
 
 
 # -- the fleet signal (llmuxd/http/fleet.py) -----------------------------------

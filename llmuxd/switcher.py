@@ -41,8 +41,11 @@ from llmuxd.events import ModelStateChanged, SwitchEvent
 from llmuxd.lifecycle import BackendDetail, Backends, BackendState
 from llmuxd.policies import NOW, Decision, Policy, PolicyContext, SwitchCosts, make_policy
 from llmuxd.priority import DEFAULT_PRIORITY, Priority
+from llmuxd.switching import concurrency
 from llmuxd.switching.control import Controls
 from llmuxd.switching.demand import next_wanted, policy_context, reevaluation_order, tick_context
+from llmuxd.switching.idle import IdleEvictions
+from llmuxd.switching.preload import Preloader
 from llmuxd.switching.errors import InvalidMode, ShuttingDown  # noqa: F401 - re-exported
 from llmuxd.switching.phases import SwitchPhases
 from llmuxd.switching.planning import plan_victims, wait_estimate
@@ -98,7 +101,10 @@ class Switcher(Controls, SwitchPhases):
         self._closed = False
         self._apply_groups(config)
         for name, mc in config.models.items():
-            self._models[name] = ModelRuntime(name, mc.gpu_group, mc.gpu_memory_gib)
+            self._models[name] = ModelRuntime(name, mc.gpu_group, mc.gpu_memory_gib,
+                                              max_concurrency=concurrency.limit_of(mc))
+        self._idle = IdleEvictions(self)
+        self._preloader = Preloader(self)
         backends.on_unexpected_exit(self._on_unexpected_exit)
 
     # ------------------------------------------------------------------ lifecycle
@@ -124,13 +130,15 @@ class Switcher(Controls, SwitchPhases):
         for m in over_budget:
             log.warning("model '%s' was awake beyond its group's budget at start; putting it to sleep", m.name)
             self._submit(m, "sleep")
+        self._idle.configure()
+        self._preloader.run()
 
     async def close(self) -> None:
         """Stop the workers; waiters and pending control calls get ShuttingDown."""
         if self._closed:
             return
         self._closed = True
-        tasks = []
+        tasks = [t for t in (self._idle.stop(), self._preloader.stop()) if t is not None]
         for g in self._groups.values():
             for handle in g.deferrals.values():
                 handle.cancel()
@@ -176,7 +184,9 @@ class Switcher(Controls, SwitchPhases):
         default policy.request_timeout), SwitchFailed (its wake failed) or
         ValueError (not a priority)."""
         m = self._models.get(model)
-        if m is not None and m.state is ModelState.ACTIVE:  # fast path: no await, no allocation but the lease
+        if m is not None and m.state is ModelState.ACTIVE and (
+            m.max_concurrency is None or concurrency.has_room_now(m)
+        ):  # fast path: no await, no allocation but the lease
             if priority is not _INTERACTIVE:
                 priority = Priority(priority)  # a plain "batch" from a caller; a bad value raises
                 m.batch_in_flight += priority is _BATCH
@@ -228,6 +238,8 @@ class Switcher(Controls, SwitchPhases):
                 fut.set_result(None)
             if self._policy.tick_interval is not None:
                 self._on_idle(m)
+        if m.max_concurrency is not None and m.queue and m.state is ModelState.ACTIVE:
+            self._grant_all(m)  # a slot came back: the next queued request takes it
 
     def _expire(self, waiter: Waiter) -> None:
         """Deadline timer: the waiter leaves the queue now, so it is never served late."""
@@ -254,7 +266,10 @@ class Switcher(Controls, SwitchPhases):
             return
         endpoint = self._backends.endpoint(m.name)
         now = self._clock()
+        slots = concurrency.room(m, len(m.queue))
         for waiter in list(m.queue):
+            if slots <= 0:
+                break  # max_concurrency: the rest wait for a lease to come back
             m.dequeue(waiter)
             if waiter.timer is not None:
                 waiter.timer.cancel()
@@ -264,6 +279,7 @@ class Switcher(Controls, SwitchPhases):
             if waiter.priority is _BATCH:
                 m.batch_in_flight += 1
             m.last_used = now
+            slots -= 1
             waiter.future.set_result(Lease(self._release, m, endpoint, waiter.priority))
 
     def _fail_all(self, m: ModelRuntime, make_error: Callable[[], BaseException]) -> None:
@@ -402,6 +418,9 @@ class Switcher(Controls, SwitchPhases):
             elif op.kind == "sleep":
                 if m.awake:
                     await self._switch(g, None, victims=[m], forced=True, eviction=op.eviction)
+            elif op.kind == "idle_sleep":  # llmuxd/switching/idle.py: only if still idle now
+                if self._idle.still_due(m):
+                    await self._switch(g, None, victims=[m], forced=True)
             elif op.kind == "remove":
                 if m.awake:
                     await self._switch(g, None, victims=[m], forced=True, stop=True)
@@ -540,6 +559,7 @@ class Switcher(Controls, SwitchPhases):
                 last_switch_s=m.last_switch_s,
                 endpoint=endpoint,
                 process_state=process,
+                idle_left_s=self._idle.left(m),
             )
         groups: Dict[str, GroupStatus] = {}
         state: Optional[str] = None
@@ -566,6 +586,7 @@ class Switcher(Controls, SwitchPhases):
             models=models,
             groups=groups,
             policy=self._policy.name,
+            preload=self._preloader.progress(),
         )
 
     def _backend_detail(self, model: str) -> BackendDetail:

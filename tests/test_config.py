@@ -392,10 +392,6 @@ BAD_YAML = [
      "models.a.name: is 'b' but the model's key is 'a'; remove 'name' (the key is the name)"),
     ("eviction-unknown", _M + "    eviction: offload+sleep\n",
      "models.m.eviction: unknown process strategy 'sleep'; allowed: keep_running, freeze, cuda_suspend, checkpoint, stop"),
-    ("eviction-nonsense", _M + "    eviction: discard+stop\n",
-     "models.m.eviction: 'discard+stop' sleeps the weights of a process that is then stopped; use 'retain+stop'"),
-    ("eviction-noop", _M + "    eviction: retain+keep_running\n",
-     "models.m.eviction: 'retain+keep_running' evicts nothing (no eviction); it is allowed only in a GPU group whose budget_gib admits two awake models — choose e.g. 'offload+keep_running' or set the group's budget_gib"),
     ("eviction-level", _M + "    eviction: 7\n",
      "models.m.eviction: legacy eviction level 7 does not exist; use 1-5 or write 'WEIGHTS+PROCESS'"),
     ("policy-eviction", "policy:\n  eviction: nap\n",
@@ -518,8 +514,10 @@ def test_check_config_prints_effective_yaml():
     out, err = io.StringIO(), io.StringIO()
     path = str(DATA / "llmux-0.7-example.json")
     assert check_config(path, stdout=out, stderr=err) == 0
-    assert err.getvalue().startswith(f"warning: {path}: admin_port: not opened: ")  # the one warning
-    assert len(err.getvalue().splitlines()) == 1
+    admin, images = err.getvalue().splitlines()  # the two warnings
+    assert admin.startswith(f"warning: {path}: admin_port: not opened: ")
+    assert images.startswith(f"warning: {path}: checkpoint.images_dir: '/tmp/llmux-checkpoints' is under /tmp, which "
+                             "llmuxd.service sees as its own private /tmp (PrivateTmp=yes)")
     text = out.getvalue()
     assert text.startswith(f"# effective configuration, read from:\n#   {path}\n")
     effective = yaml.safe_load(text)

@@ -85,9 +85,12 @@ def test_check_config_passes_with_a_warning_for_each_key_that_does_nothing_here(
     code, out, err = check(EVERY_KEY)
     assert code == 0
     warnings = [line for line in err if line.startswith("warning: ")]
-    assert [w.split(": ", 3)[2] for w in warnings] == ["max_sleeping", "admin_port"]
+    assert [w.split(": ", 3)[2] for w in warnings] == ["max_sleeping", "admin_port", "models.tiny"]
     assert all(w.startswith(f"warning: {EVERY_KEY}: ") for w in warnings)  # names the file
-    max_sleeping, admin = (w.split(": ", 3)[3] for w in warnings)
+    max_sleeping, admin, tiny = (w.split(": ", 3)[3] for w in warnings)
+    assert tiny == ("sets no eviction, so it gets policy.eviction 'discard+keep_running' as llmux 0.7 documented; "
+                    "llmux 0.7.7 itself applied 'retain+stop' to such a model (its per-model default); write "
+                    "\"eviction\": \"retain+stop\" to keep what 0.7.7 did")
     assert "ignored (llmux 0.7 ignored it as well)" in max_sleeping and "'...+stop'" in max_sleeping
     assert admin.startswith("not opened: llmux takes control calls on D-Bus (io.llmux.LLMux1, authorized by polkit)")
     for route, ctl, method in CONTROL_ROUTES:  # every 0.7 control route has its replacement named
@@ -101,8 +104,8 @@ def test_check_config_passes_with_a_warning_for_each_key_that_does_nothing_here(
 def test_check_config_strict_fails_on_those_warnings():
     code, out, err = check(EVERY_KEY, strict=True)
     assert code == 1 and out == ""
-    assert [line.split(": ", 2)[1] for line in err[:-1]] == ["max_sleeping", "admin_port"]
-    assert err[-1] == "2 problem(s) (--strict: warnings count); nothing was changed"
+    assert [line.split(": ", 2)[1] for line in err[:-1]] == ["max_sleeping", "admin_port", "models.tiny"]
+    assert err[-1] == "3 problem(s) (--strict: warnings count); nothing was changed"
 
 
 def test_time_slice_rig_with_keys_its_version_never_read():
@@ -185,7 +188,7 @@ UNKNOWN = [
      "models.m.extra_arg: unknown key, ignored; did you mean 'extra_args'?"),
     ("config.json", '{"models": {}, "metrics_port": 0, "lora_adapters": {"a": "b"}}',
      "lora_adapters: unknown key, ignored; allowed keys: admin_port, checkpoint, gpu_probe, groups, listen, max_body_bytes, "
-     "metrics_port, models, policy, port_range, state_dir, stop_backends_on_exit, user, warmup"),
+     "metrics_port, models, policy, port_range, preload, state_dir, stop_backends_on_exit, user, warmup"),
     ("config.json", '{"policy": {"policy_typ": "fifo"}, "metrics_port": 0}',
      "policy.policy_typ: unknown key, ignored; did you mean 'policy_type'?"),
 ]

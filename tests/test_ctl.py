@@ -206,3 +206,19 @@ def test_usage_errors_exit_2():
     with pytest.raises(SystemExit) as exc:
         ctl.main([])
     assert exc.value.code == 2
+
+
+def test_status_table_shows_idle_countdown_and_preload():
+    """issue 25: time left before an idle eviction and the preload progress, under the table."""
+    from llmuxd.ctl import format_status
+
+    model = {"state": "active", "process_state": "running", "eviction": "offload+keep_running",
+             "in_flight": 0, "queue_depth": 0, "wait_estimate_usec": 0, "unit": ""}
+    text = format_status({"version": "x", "state": "active:a", "mode": "auto",
+                          "models": {"a": {**model, "idle_left_usec": 42_000_000}, "b": model},
+                          "preload": {"a": "awake", "b": "failed: no weights"}})
+    lines = text.splitlines()
+    assert "a: idle, put to sleep in 42s (idle_timeout)" in lines
+    assert not any(line.startswith("b: idle") for line in lines)  # no countdown: no line
+    assert lines[-1] == "preload: a awake, b failed: no weights"
+    assert "preload" not in format_status({"version": "x", "state": "idle", "mode": "auto", "models": {}})

@@ -106,27 +106,6 @@ def test_defaults():
     assert str(STOP_EVICTION) == "retain+stop"
 
 
-@pytest.mark.parametrize(
-    "eviction,shared,message",
-    [
-        ("retain+keep_running", False, "'retain+keep_running' evicts nothing"),
-        ("offload+stop", False, "'offload+stop' sleeps the weights of a process that is then stopped; use 'retain+stop'"),
-        ("discard+stop", True, "'discard+stop' sleeps the weights of a process that is then stopped; use 'retain+stop'"),
-    ],
-)
-def test_nonsense_combinations_are_refused(eviction, shared, message):
-    with pytest.raises(EvictionError) as info:
-        Eviction.parse(eviction).check_allowed(shared_budget=shared)
-    assert str(info.value).startswith(message)
-
-
-@pytest.mark.parametrize(
-    "eviction,shared",
-    [("retain+keep_running", True), ("offload+keep_running", False), ("retain+stop", False), ("discard+checkpoint", False)],
-)
-def test_sensible_combinations_are_allowed(eviction, shared):
-    Eviction.parse(eviction).check_allowed(shared_budget=shared)
-
 
 def test_eviction_is_hashable_and_immutable():
     eviction = Eviction.parse("offload+freeze")

@@ -20,7 +20,7 @@ from aiohttp.test_utils import TestServer
 from fleet_support import Host
 from llmuxd.fleet.ranking import Option, preferred
 from llmuxd.fleet.signal import HostSignal, ModelSignal
-from llmuxd.fleet.view import FleetView
+from llmuxd.fleet.view import FleetView, host_key
 
 WAIT = 30
 
@@ -35,8 +35,9 @@ def host(**models: ModelSignal) -> HostSignal:
     return HostSignal(version="t", mode="auto", pinned=None, policy="fifo", queue_limit=10, models=dict(models))
 
 
-def opt(name: str, signal: Optional[HostSignal], claimed: tuple = (), served: str = "m") -> Option:
-    return Option(key=name, host=f"http://{name}", model=served, signal=signal, claimed=frozenset(claimed))
+def opt(name: str, signal: Optional[HostSignal], claimed: tuple = (), served: str = "m", pressure: int = 0) -> Option:
+    return Option(key=name, host=f"http://{name}", model=served, signal=signal, claimed=frozenset(claimed),
+                  pressure=pressure)
 
 
 # (case, options, the keys expected)
@@ -52,6 +53,11 @@ RANKING = [
      [opt("x", host(m=model(wait=1, fits=False))), opt("y", host(m=model(wait=4)))], ["y"]),
     ("another model claimed there means an eviction",
      [opt("x", host(m=model(wait=1)), claimed=("other",)), opt("y", host(m=model(wait=4)))], ["y"]),
+    ("then the least pressure (the demand of the models living there), over warm and estimates",
+     [opt("x", host(m=model(wait=1, fits=False, warm=True)), pressure=3), opt("y", host(m=model(wait=4, fits=False)), pressure=1)],
+     ["y"]),
+    ("room beats pressure",
+     [opt("x", host(m=model(wait=1)), pressure=5), opt("y", host(m=model(wait=1, fits=False)), pressure=0)], ["x"]),
     ("then a host where it is warm (a wake, not a cold start), whatever the estimates",
      [opt("x", host(m=model(wait=1, fits=False))), opt("y", host(m=model(wait=4, fits=False, warm=True)))], ["y"]),
     ("room beats warm: no eviction chain",
@@ -174,6 +180,49 @@ async def test_view_skips_a_host_that_is_not_llmux() -> None:
     finally:
         await view.close()
         await other.close()
+
+
+class SignalsView(FleetView):
+    """A FleetView whose hosts' signals are set by the test (no polling), on a test clock."""
+
+    def __init__(self, signals: Dict[str, HostSignal]):
+        self.now = 1000.0
+        super().__init__(clock=lambda: self.now)
+        self.signals = signals
+
+    def watch(self, base: str) -> None:
+        pass
+
+    def signal(self, base: str) -> Optional[HostSignal]:
+        return {host_key(b): sig for b, sig in self.signals.items()}.get(host_key(base))
+
+
+def test_view_places_models_that_must_share_hosts_by_their_demand() -> None:
+    """Two hosts, each with one model awake; a third model, asleep everywhere (and with the
+    lower wait estimate on x), goes to the host whose residents ask less (what an operator's
+    static assignment would do), and stays on the host it lives on until another is lighter
+    by half an average host's demand."""
+    view = SignalsView({"http://x": host(hot=model("awake"), cold=model(fits=False), new=model(wait=1, fits=False)),
+                        "http://y": host(hot=model(fits=False), cold=model("awake"), new=model(wait=4, fits=False))})
+    entries = lambda m: [("x", "http://x", m), ("y", "http://y", m)]  # noqa: E731
+    for _ in range(30):
+        view.choose(entries("hot"))   # x serves it: 30 requests a minute
+    for _ in range(3):
+        view.choose(entries("cold"))  # y serves it: 3 a minute
+    assert view.choose(entries("new")) == ["y"]
+    view.now += 10  # its claim on y has lapsed; y is still its home
+    for _ in range(33):
+        view.choose(entries("cold"))  # y's residents now ask a little more than x's, not half a host more
+    assert view.choose(entries("new")) == ["y"]
+    view.now += 10
+    for _ in range(60):
+        view.choose(entries("cold"))  # now y is much busier: the new model moves
+    assert view.choose(entries("new")) == ["x"]
+
+
+def test_view_without_demand_history_ranks_as_before() -> None:
+    view = SignalsView({"http://x": host(m=model(wait=1, fits=False)), "http://y": host(m=model(wait=4, fits=False, warm=True))})
+    assert view.choose([("x", "http://x", "m"), ("y", "http://y", "m")]) == ["y"]
 
 
 def test_view_settings_are_checked() -> None:

@@ -88,3 +88,30 @@ def test_llmux_07_metric_names_are_exported_beside_ours():
     assert value("llmux_switch_total", result="skipped", **{"from": "b", "to": "a"}) == 1
     assert value("llmux_switch_total", result="failed", **{"from": "b", "to": "a"}) == 1
     assert value("llmux_model_in_flight", model="b") == 3
+
+
+def test_07_http_metrics_buckets_are_cumulative_and_inclusive():
+    """llmux 0.7's HTTP metrics (metrics.HttpStats): le is inclusive, buckets cumulative."""
+    m = Metrics()
+    for seconds, size in ((0.005, 100), (0.006, 101), (1000.0, 5)):
+        m.http_started("POST", "/v1/completions")
+        m.http_finished("POST", "/v1/completions", 200, seconds, size)
+    m.http_started("GET", "/v1/models")  # still being answered
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(m.render()[0].decode()) for s in f.samples}
+
+    def value(name, **labels):
+        labels = {"method": "POST", "endpoint": "/v1/completions", **labels}
+        return samples[(name, tuple(sorted(labels.items())))]
+
+    assert value("llmux_http_requests_total", status="200") == 3
+    duration = "llmux_http_requests_duration_seconds"
+    assert value(duration + "_bucket", status="200", le="0.005") == 1
+    assert value(duration + "_bucket", status="200", le="0.01") == 2
+    assert value(duration + "_bucket", status="200", le="600.0") == 2
+    assert value(duration + "_bucket", status="200", le="+Inf") == 3
+    assert value(duration + "_count", status="200") == 3
+    assert value("llmux_http_response_body_size_bucket", le="100.0") == 2
+    assert value("llmux_http_response_body_size_sum") == 206
+    assert value("llmux_http_requests_pending") == 0
+    assert value("llmux_http_requests_pending", method="GET", endpoint="/v1/models") == 1

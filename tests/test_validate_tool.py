@@ -49,7 +49,7 @@ def test_validate_prints_its_table_and_fails_on_an_unsupported_eviction(tmp_path
     assert rows["offload+keep_running"].split()[3:6] == ["4000", "500", "4000"]
     assert rows["retain+stop"].split()[3:6] == ["4000", "0", "4000"]
     assert rows["discard+checkpoint"].split()[-1] == "FAIL"
-    assert any("checkpoint needs system mode" in line for line in lines), result.stdout
+    assert any("needs llmuxd under systemd: a CRIU-restored backend is no child of llmuxd" in line for line in lines), result.stdout
     assert lines[-1] == "3 passed, 1 failed"
     assert result.returncode == 1, result.stderr
 
@@ -94,4 +94,18 @@ async def test_two_concurrent_checkpoints_of_one_model(opened):
     busy = next(r for r in results if isinstance(r, CheckpointBusy))
     assert "being checkpointed already" in str(busy)
     unsupported = next(r for r in results if isinstance(r, NotSupported))
-    assert "checkpoint needs system mode" in str(unsupported)
+    assert "needs llmuxd under systemd: a CRIU-restored backend is no child of llmuxd" in str(unsupported)
+
+
+@pytest.mark.parametrize("configured,used,why", [
+    ("offload+keep_running", "discard+checkpoint", "m: no --eviction: using 'discard+checkpoint', llmux 0.7's default"),
+    ("discard+checkpoint", "discard+checkpoint", "m: no --eviction: using 'discard+checkpoint', llmux 0.7's default"),
+    ("offload+checkpoint", "offload+checkpoint",
+     "m: no --eviction: using the model's own 'offload+checkpoint' (llmux 0.7 used 'discard+checkpoint'; "
+     "the image must match how the model sleeps)"),
+])
+def test_checkpoint_without_eviction_says_what_it_uses_and_why(configured, used, why):
+    from llmuxd.daemon.tools import default_checkpoint_eviction
+
+    eviction, line = default_checkpoint_eviction("m", Eviction.parse(configured))
+    assert (str(eviction), line) == (used, why)

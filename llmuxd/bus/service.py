@@ -179,7 +179,9 @@ class ManagerInterface(SecureInterface):
 
     @bus_method(action=ACTION_CONTROL)
     async def SetEviction(self, model: "s", eviction: "s"):
-        """Override MODEL's eviction until restart; an empty EVICTION goes back to the configured one."""
+        """Override MODEL's eviction; an empty EVICTION goes back to the configured one.
+        The service keeps the override across reloads and restarts (state_dir/state.json)
+        until it is cleared; an embedded llmuxd keeps it until it exits."""
         await self.service.set_eviction(model, eviction)
 
     @bus_method(action=ACTION_RELOAD)
@@ -525,6 +527,9 @@ class LLMuxService:
                 "last_error": Variant("s", props["LastError"]),
                 "last_switch_usec": Variant("t", props["LastSwitchUSec"]),
             }
+            idle_left = getattr(ms, "idle_left_s", None)
+            if idle_left is not None:  # counting down to an idle eviction (idle_timeout)
+                models[name]["idle_left_usec"] = Variant("t", to_usec(idle_left))
         result = {
             "version": Variant("s", self.version),
             "api_version": Variant("u", API_VERSION),
@@ -533,6 +538,7 @@ class LLMuxService:
             "state": Variant("s", _text(st.state)),
             "active_models": Variant("as", list(st.active_models)),
             "models": Variant("a{sa{sv}}", models),
+            "preload": Variant("a{ss}", dict(getattr(st, "preload", None) or {})),
         }
         keys = self._keys_status()
         if keys:

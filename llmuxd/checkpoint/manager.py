@@ -465,6 +465,19 @@ class CheckpointManager:
         return self.clean_removed(config)
 
 
+def embedded_checkpoint_problem(model: str, eviction: Any = None) -> str:
+    """Why an embedded llmuxd (no systemd) cannot use a CRIU eviction, and what to run instead, in one line."""
+    as_root = os.geteuid() == 0
+    what = f"'{eviction}'" if eviction is not None else "a checkpoint eviction"
+    return (
+        f"model '{model}': {what} needs llmuxd under systemd: a CRIU-restored backend is no child of "
+        "llmuxd, and embedded `llmuxd run` tracks backends as its children "
+        f"({'even as root; ' if as_root else ''}llmux 0.7 restored a detached process it never watched again); "
+        "the model is stopped instead. Run llmux as the service (`systemctl enable --now llmux.socket llmuxd`, "
+        "this config as /etc/llmux/llmux.yaml) for CRIU, or choose '...+freeze' or '...+stop' here"
+    )
+
+
 def _is_systemd(orchestrator: Any) -> bool:
     return type(orchestrator.runtime).__name__ == "SystemdRuntime" or hasattr(orchestrator.runtime, "systemd_version")
 
@@ -505,9 +518,11 @@ class CheckpointStep:
         mgr = self.manager
         if mgr.criu is None or mgr.catalogue is None:
             raise NotSupported(f"model '{name}': checkpoint needs a 'checkpoint:' section in the config")
-        if not _is_systemd(orchestrator) or os.geteuid() != 0:
-            raise NotSupported(f"model '{name}': checkpoint needs system mode (llmuxd as root with systemd); "
-                               "in embedded mode choose cuda_suspend or stop")
+        if not _is_systemd(orchestrator):
+            raise NotSupported(embedded_checkpoint_problem(name))
+        if os.geteuid() != 0:
+            raise NotSupported(f"model '{name}': checkpoint needs llmuxd running as root (CRIU dumps and restores "
+                               "other users' processes); run it as the service or choose '...+freeze' or '...+stop'")
         return mgr.criu, mgr.catalogue
 
     async def apply(self, orchestrator: Any, m: Any) -> None:

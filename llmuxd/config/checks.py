@@ -45,10 +45,6 @@ def check_semantics(config: Config, issues: Issues) -> None:
             eviction_loc, used_by = loc + ("eviction",), ""
         if model.engine != "vllm":
             _check_openai_model(config, name, model, issues)
-        try:
-            model.eviction.check_allowed(shared_budget=shared)
-        except EvictionError as exc:
-            issues.add(eviction_loc, f"{exc}{used_by}")
         if config.checkpoint is None:
             if model.eviction.process is ProcessStrategy.CHECKPOINT:
                 issues.add(eviction_loc, f"'{model.eviction}'{used_by} needs a top-level 'checkpoint:' section; add 'checkpoint: {{}}' for the defaults or choose another process strategy")

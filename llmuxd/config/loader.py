@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import yaml
 
 from llmuxd.config.checks import allocate_ports, check_semantics
+from llmuxd.config.habits import check_habits
 from llmuxd.config.issues import ConfigError, ConfigIssue, Issues, shown, unknown_key_message
 from llmuxd.config.legacy import (
     LEGACY_KEYS,
@@ -417,6 +418,7 @@ def build(raw: Mapping[str, Any], source: str, *, legacy: bool, model_sources: D
     config.sources = [source]
     config.notes = list(issues.notes)
     check_semantics(config, issues)
+    check_habits(config, issues, legacy=legacy)
     issues.raise_if_any()
     allocate_ports(config, issues)
     issues.raise_if_any()

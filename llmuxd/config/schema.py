@@ -111,6 +111,9 @@ class PolicyConfig(StrictModel):
     failure_backoff: Duration = 2.0
     #: the eviction of models that do not name one (llmux 0.7's policy.eviction)
     eviction: Eviction = DEFAULT_EVICTION
+    #: the idle_timeout of models that set none (llama-swap's ttl, Ollama's keep_alive);
+    #: 0: never evict a model for being idle
+    idle_timeout: Duration = 0.0
 
     @pyd.validator("type")
     def _known_type(cls, v: str) -> str:  # noqa: N805
@@ -142,6 +145,14 @@ class ModelConfig(StrictModel):
     sleep_mode: Bool = True
     user: Optional[NonEmptyStr] = None
     warmup_prompt: Str = "Hello"
+    # -- habits from llama-swap and Ollama (llmuxd/switching/idle.py, concurrency.py)
+    #: other names clients may send for this model (a hosted model's name, say)
+    aliases: List[NonEmptyStr] = []
+    #: evict the model with its own eviction after this long without a request;
+    #: None: policy.idle_timeout; 0: never
+    idle_timeout: Optional[Duration] = None
+    #: requests in flight to the backend at once; the rest wait in the model's queue
+    max_concurrency: Optional[PositiveInt] = None
     tensor_parallel_size: int = 1  # derived from extra_args
     #: how llmux speaks to the server: "vllm" (sleep endpoints), or "openai" for any other
     #: OpenAI-compatible server (llama.cpp, SGLang, TGI, Ollama ...): its `command` is run as
@@ -194,6 +205,8 @@ class Config(StrictModel):
     stop_backends_on_exit: Bool = False
     user: Optional[NonEmptyStr] = "llmux"
     gpu_probe: Str = "auto"
+    #: models started and woken in this order at start and after a reload (llmuxd/switching/preload.py)
+    preload: List[NonEmptyStr] = []
     #: API key files (llmuxd/keys/files.py); None: /etc/llmux/keys.d when it exists
     keys_dir: Optional[NonEmptyStr] = None
     auth: Str = "auto"
@@ -245,6 +258,25 @@ class Config(StrictModel):
         """The TCP port of `listen`, or None for a unix socket."""
         kind, _, port = parse_listen(self.listen)
         return port if kind == "tcp" else None
+
+    def idle_timeout_of(self, model: str) -> float:
+        """Seconds without a request after which `model` is evicted (0: never)."""
+        own = self.models[model].idle_timeout
+        return float(self.policy.idle_timeout if own is None else own)
+
+    @property
+    def alias_map(self) -> Dict[str, str]:
+        """Every alias -> the model it names (checks.py makes them unique)."""
+        return {alias: name for name, model in self.models.items() for alias in model.aliases}
+
+    def resolve_model(self, name: str) -> Optional[str]:
+        """The model `name` means: itself, or the model it is an alias of; None if neither."""
+        if name in self.models:
+            return name
+        for model_name, model in self.models.items():
+            if name in model.aliases:
+                return model_name
+        return None
 
     def model_user(self, model: str) -> Optional[str]:
         """The User= a model's unit runs as (its own, else the global one)."""

@@ -365,6 +365,12 @@ class EmbeddedDaemon:
         await self.runtime.connect()
         for problem in await self.checkpoints.preflight():
             log.warning("%s", problem)
+        from llmuxd.checkpoint.manager import embedded_checkpoint_problem
+        from llmuxd.eviction import ProcessStrategy
+
+        for name, mc in self.config.models.items():
+            if mc.eviction.process is ProcessStrategy.CHECKPOINT:
+                log.warning("%s", embedded_checkpoint_problem(name, mc.eviction))
         try:
             await self._export_bus()
             await self.core.start()

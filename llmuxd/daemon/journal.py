@@ -49,6 +49,9 @@ EVENT_STATE_CORRUPT = "state_corrupt"
 EVENT_STATE_WRITE_FAILED = "state_write_failed"
 EVENT_BACKEND_ORPHAN = "backend_orphan"
 # checkpoint images in object storage (started and progress share the *_progress kind)
+EVENT_MODEL_IDLE = "model_idle"
+EVENT_PRELOAD = "preload"
+EVENT_LISTEN_MOVED = "listen_not_served"
 EVENT_CHECKPOINT_UPLOAD_PROGRESS = "checkpoint_upload_progress"
 EVENT_CHECKPOINT_UPLOADED = "checkpoint_uploaded"
 EVENT_CHECKPOINT_UPLOAD_FAILED = "checkpoint_upload_failed"
@@ -77,6 +80,9 @@ MESSAGE_IDS: dict[str, str] = {
     EVENT_STATE_CORRUPT: "0b1c87ff4379404f9f4d31a9dab4df31",
     EVENT_STATE_WRITE_FAILED: "c866c97d8ec94066947b4398404785e4",
     EVENT_BACKEND_ORPHAN: "74d7e0d68c804c2eaec4bfd16bf1eeb0",
+    EVENT_MODEL_IDLE: "ad38e893e1244f4e9ccd9479b9356ee2",
+    EVENT_PRELOAD: "413ce9b5c32f4d70a82be1245422bbef",
+    EVENT_LISTEN_MOVED: "62a8efeacbf44eb494a41b182e6c77bd",
     EVENT_CHECKPOINT_UPLOAD_PROGRESS: "6f4ee2cc8958ce6b03a739888badd8e1",
     EVENT_CHECKPOINT_UPLOADED: "4ae8f0af019a46b0e54ca4018670ea03",
     EVENT_CHECKPOINT_UPLOAD_FAILED: "34024e12e8f91bcf66ccde774a88f178",

@@ -158,6 +158,7 @@ class SystemDaemon:
             await self.checkpoints.mark_lazy_from_store(self.orchestrator)  # first request downloads
 
         sockets = self._activation_sockets(activation_sockets())
+        self._say_which_address_serves(sockets)
         self.core = DaemonCore(self.config, self.orchestrator, sockets=sockets or None,
                                checkpoints=self.checkpoints)
         self.core.http.shutdown_timeout = SHUTDOWN_DRAIN
@@ -195,6 +196,17 @@ class SystemDaemon:
             log.info("socket activation: serving on %s (the socket stays systemd's across restarts)",
                      ", ".join(socket_address(s) for s in chosen))
         return chosen
+
+    def _say_which_address_serves(self, sockets: list[Any]) -> None:
+        """`listen` (or 0.7's `port`) that llmux.socket overrides: say so in the journal, and how to move it."""
+        from llmuxd.daemon.socket_unit import listen_not_served, served_elsewhere
+        from llmuxd.http.listen import socket_address
+
+        served = [socket_address(s) for s in sockets]
+        if served_elsewhere(self.config.listen, served):
+            log_event(log, journal.EVENT_LISTEN_MOVED, "config: listen: %s",
+                      listen_not_served(self.config.listen, served), level=logging.WARNING,
+                      listen=self.config.listen, served=" ".join(served))
 
     async def _export_bus(self) -> None:
         from dbus_fast import BusType
@@ -259,13 +271,21 @@ class SystemDaemon:
     # -- events, status, state ------------------------------------------------
 
     def _on_event(self, event: Any) -> None:
-        from llmuxd.events import ModelStateChanged, SwitchStarted
+        from llmuxd.events import ModelIdle, ModelStateChanged, PreloadProgress, SwitchStarted
 
         if isinstance(event, SwitchStarted):
             log_event(log, journal.EVENT_SWITCH_STARTED, "switch %s -> %s started",
                       event.from_model or "(nothing)", event.to_model or "(sleep)",
                       model=event.to_model or event.from_model, from_model=event.from_model,
                       to_model=event.to_model, group=event.group)
+        elif isinstance(event, ModelIdle):
+            log_event(log, journal.EVENT_MODEL_IDLE, "model %s idle for %.0fs (idle_timeout %gs): putting it to "
+                      "sleep with %s", event.model, event.idle_for, event.timeout, event.eviction,
+                      model=event.model, idle_timeout=f"{event.timeout:g}", eviction=event.eviction)
+        elif isinstance(event, PreloadProgress):
+            log_event(log, journal.EVENT_PRELOAD, "preload: model %s %s", event.model, event.progress,
+                      level=logging.WARNING if event.progress.startswith("failed") else logging.INFO,
+                      model=event.model, preload=event.progress)
         elif isinstance(event, ModelStateChanged):
             log_event(log, journal.EVENT_MODEL_STATE_CHANGED, "model %s is %s", event.model, event.state,
                       level=logging.DEBUG, model=event.model, state=event.state)

@@ -69,11 +69,22 @@ def _model(config: Any, model: str) -> Any:
     return config.models[model]
 
 
+def default_checkpoint_eviction(model: str, configured: Eviction) -> tuple[Eviction, str]:
+    """The eviction `checkpoint MODEL` uses without --eviction, and one line saying which and why:
+    llmux 0.7's discard+checkpoint, unless the model's own eviction is another checkpoint one (the
+    image must be what the model's sleeps make, or the daemon would restore a different state)."""
+    if configured.process is ProcessStrategy.CHECKPOINT and configured != DEFAULT_CHECKPOINT_EVICTION:
+        return configured, (f"{model}: no --eviction: using the model's own '{configured}' (llmux 0.7 used "
+                            f"'{DEFAULT_CHECKPOINT_EVICTION}'; the image must match how the model sleeps)")
+    return DEFAULT_CHECKPOINT_EVICTION, (f"{model}: no --eviction: using '{DEFAULT_CHECKPOINT_EVICTION}', "
+                                         "llmux 0.7's default")
+
+
 async def checkpoint_model(orchestrator: Any, manager: CheckpointManager, model: str,
                            eviction: Eviction | None = None, *, warmup: bool = True, out: TextIO = sys.stdout) -> int:
-    eviction = eviction or (orchestrator.config.models[model].eviction
-                            if orchestrator.config.models[model].eviction.process is ProcessStrategy.CHECKPOINT
-                            else DEFAULT_CHECKPOINT_EVICTION)
+    if eviction is None:
+        eviction, why = default_checkpoint_eviction(model, orchestrator.config.models[model].eviction)
+        print(why, file=out)
     await orchestrator.ensure_awake(model)
     if warmup:
         m = orchestrator._get(model)
@@ -228,7 +239,8 @@ def add_tool_parsers(subparsers: Any) -> None:
                         help="where the backend runs (auto: systemd when root with a system bus)")
     common.add_argument("model", help="the model's public name")
     p = subparsers.add_parser("checkpoint", parents=[common], help="start, warm up and checkpoint a model")
-    p.add_argument("--eviction", default=None, help="WEIGHTS+checkpoint (default: the model's, else discard+checkpoint)")
+    p.add_argument("--eviction", default=None, help="WEIGHTS+checkpoint (default: llmux 0.7's discard+checkpoint, or the model's own "
+                        "checkpoint eviction when it has another; the tool says which)")
     p.add_argument("--no-warmup", action="store_true", help="dump without a warm-up request first")
     p.set_defaults(tool="checkpoint")
     p = subparsers.add_parser("restore", parents=[common], help="restore a model's checkpoint and leave it running")

@@ -12,7 +12,11 @@ ships. The rule, in order:
    there (or this router just sent it there to be started: a *claim*, which
    bridges the gap until the host's next signal shows it); then a host that can
    wake it **without evicting** another model (free budget in its GPU group, and
-   no other model claimed there); then a host where it is **warm** (loaded but
+   no other model claimed there); then the least **pressure**: the demand of the
+   other models that live on the host (awake there, or last sent there by this
+   router), as the router counted their requests, in steps of a quarter of an
+   average host's demand, so models that must share hosts are spread the way an
+   operator's static assignment would spread them; then a host where it is **warm** (loaded but
    asleep: a wake of seconds, where elsewhere it would be a cold start, and the
    model returns to the host it lived on); then the lowest **wait estimate** (the
    host's own `Retry-After` estimate); then the least loaded host; then a stable hash of
@@ -46,6 +50,8 @@ class Option:
     signal: Optional[HostSignal]
     #: models this router recently sent to `host` to be started
     claimed: FrozenSet[str] = frozenset()
+    #: the demand of other models living on `host`, in steps (0: the least loaded kind of host)
+    pressure: int = 0
 
     @property
     def model_signal(self) -> Optional[ModelSignal]:
@@ -63,7 +69,7 @@ def spread_hash(model: str, host: str) -> int:
     return int.from_bytes(digest, "big")
 
 
-def rank(option: Option) -> Tuple[int, int, int, float, int, int]:
+def rank(option: Option) -> Tuple[int, int, int, int, float, int, int]:
     """Sort key for a host where the model is not awake (smaller is better)."""
     ms = option.model_signal
     assert ms is not None and option.signal is not None
@@ -74,7 +80,7 @@ def rank(option: Option) -> Tuple[int, int, int, float, int, int]:
     else:
         tier = 1
     evicts = not ms.fits_without_eviction or bool(option.claimed - {option.model})
-    return (tier, int(evicts), int(not ms.warm), ms.wait_estimate_s, option.signal.load,
+    return (tier, int(evicts), option.pressure, int(not ms.warm), ms.wait_estimate_s, option.signal.load,
             spread_hash(option.model, option.host))
 
 

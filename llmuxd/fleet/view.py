@@ -16,19 +16,27 @@ Standard library and aiohttp only (both are in LiteLLM's environment).
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
-from dataclasses import dataclass
-from typing import Callable, Dict, FrozenSet, Hashable, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, replace
+from typing import Callable, Deque, Dict, FrozenSet, Hashable, List, Optional, Sequence, Set, Tuple
 
 import aiohttp
 
 from llmuxd.fleet.ranking import Option, preferred
-from llmuxd.fleet.signal import AWAKE, STATE_PATH, HostSignal, SignalError, state_url
+from llmuxd.fleet.signal import AWAKE, STARTING, STATE_PATH, HostSignal, SignalError, state_url
 
 log = logging.getLogger("llmux.fleet")
 
 DEFAULT_REFRESH_S = 1.0
+#: a model's demand is the rate of its requests this router saw in the last minute
+DEMAND_WINDOW_S = 60.0
+#: pressure steps: a quarter of an average host's demand
+PRESSURE_STEPS_PER_HOST = 4
+#: a model stays on the host it lives on unless another is lighter by this many steps:
+#: moving costs a cold start there and leaves its old host's memory to the next eviction
+HOME_STEPS = 2
 
 
 def host_key(base: str) -> str:
@@ -71,6 +79,10 @@ class FleetView:
         self.clock = clock
         self.hosts: Dict[str, HostRecord] = {}
         self._claims: Dict[Tuple[str, str], float] = {}
+        #: when this router saw each model's recent requests (its demand)
+        self._seen: Dict[str, Deque[float]] = {}
+        #: the host this router last sent each model to be woken on (where it lives)
+        self._home: Dict[str, str] = {}
         self._tasks: Dict[str, "asyncio.Task[None]"] = {}
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._session: Optional[aiohttp.ClientSession] = None
@@ -92,6 +104,42 @@ class FleetView:
 
     def claim(self, base: str, model: str) -> None:
         self._claims[(host_key(base), model)] = self.clock()
+        self._home[model] = host_key(base)
+
+    def demand(self, model: str) -> float:
+        """Requests per second this router saw for `model` over the last DEMAND_WINDOW_S."""
+        seen = self._seen.get(model)
+        if not seen:
+            return 0.0
+        horizon = self.clock() - DEMAND_WINDOW_S
+        while seen and seen[0] < horizon:
+            seen.popleft()
+        return len(seen) / DEMAND_WINDOW_S
+
+    def _note(self, model: str) -> None:
+        self._seen.setdefault(model, collections.deque()).append(self.clock())
+
+    def _pressures(self, model: str, hosts: Sequence[str]) -> Dict[str, int]:
+        """Each host's pressure for placing `model`: the demand of the other models that
+        live there (awake or starting in its signal, or last sent there by this router),
+        a model living on k hosts counting 1/k on each, in PRESSURE_STEPS_PER_HOST steps
+        of an average host's demand."""
+        residents: Dict[str, Set[str]] = {h: set() for h in hosts}
+        for h in hosts:
+            signal = self.signal(h)
+            if signal is not None:
+                residents[h].update(n for n, m in signal.models.items() if m.state in (AWAKE, STARTING))
+        for other, h in self._home.items():
+            if h in residents and not any(other in r for k, r in residents.items() if k != h):
+                residents[h].add(other)
+        homes: Dict[str, int] = collections.Counter(m for r in residents.values() for m in r)
+        load = {h: sum(self.demand(m) / homes[m] for m in r if m != model) for h, r in residents.items()}
+        total = sum(self.demand(m) for m in homes)
+        step = total / max(len(hosts), 1) / PRESSURE_STEPS_PER_HOST
+        if step <= 0:
+            return {h: 0 for h in hosts}
+        home = self._home.get(model)
+        return {h: max(0, int(v / step) - (HOME_STEPS if h == home else 0)) for h, v in load.items()}
 
     def mark_down(self, base: str, reason: str) -> None:
         """Skip `base` until its next successful poll (a router saw it refuse a connection)."""
@@ -105,8 +153,14 @@ class FleetView:
         no usable signal, route as if llmux were not there. Starts polling new hosts."""
         for _, base, _ in entries:
             self.watch(base)
+        if entries:
+            self._note(entries[0][2])  # one request, whatever the number of its deployments
         options = [Option(key, host_key(base), model, self.signal(base), self.claims(base))
                    for key, base, model in entries]
+        if not any(o.model_signal is not None and o.model_signal.state == AWAKE for o in options):
+            # a placement is about to be made: weigh what already lives on each host
+            pressure = self._pressures(entries[0][2], [o.host for o in options]) if entries else {}
+            options = [replace(o, pressure=pressure.get(o.host, 0)) for o in options]
         best = preferred(options)
         if len(best) == 1 and best[0].model_signal is not None and best[0].model_signal.state != AWAKE:
             self.claim(best[0].host, best[0].model)

@@ -27,6 +27,8 @@ from llmuxd.http.auth import KEY_HEADERS, NO_KEY, KeyGate, refusal_headers
 from llmuxd.http.body import MODEL_HEADER, check_declared_length, model_from, read_body
 from llmuxd.http.errors import ModelNotFound, RouteNotFound, error_response
 from llmuxd.http.fleet import model_fleet_fields, register as register_fleet
+from llmuxd.http.measured import measured
+from llmuxd.http.naming import OVERRIDE_HEADER, ModelNames, with_model
 from llmuxd.http.proxy import Upstream
 from llmuxd.metrics import NO_MODEL, WAITED_THRESHOLD_S, Metrics
 
@@ -39,11 +41,10 @@ EXTRA_MODEL_ROUTES = (
     "/v2/embed", "/v2/rerank",
 )
 
-#: status recorded for requests whose client went away before the answer
-CLIENT_CLOSED = 499
+from llmuxd.http.measured import CLIENT_CLOSED  # noqa: E402 - the status of requests whose client went away
 
 #: the daemon's own routes, for the not-found message
-SERVED = "POST /v1/... (with a model), GET /v1/models, GET /health, GET /metrics, GET /llmux/v1/state"
+SERVED = "POST /v1/... (with a model), GET /v1/models (or /models), GET /health, GET /metrics, GET /llmux/v1/state"
 
 
 class FrontEnd:
@@ -80,6 +81,7 @@ class FrontEnd:
         """Take a new config (models, limits, timeouts) for the next requests;
         requests already running keep what they started with."""
         self.config = config
+        self.names = ModelNames(config)
         self.request_timeout = float(config.policy.request_timeout)
         self.max_body = int(config.max_body_bytes)
 
@@ -87,15 +89,17 @@ class FrontEnd:
         # client_max_size is a backstop: bodies are read by read_body, never by request.read()
         app = web.Application(client_max_size=self.max_body)
         self.keys.install(app)
-        app.router.add_get("/v1/models", self.list_models)
-        app.router.add_get("/v1/models/{model:.+}", self.get_model)
-        app.router.add_get("/health", self.health)
-        app.router.add_get("/metrics", self.metrics_page)
+        m = self.metrics
+        app.router.add_get("/v1/models", measured(m, self.list_models))
+        app.router.add_get("/models", measured(m, self.list_models))  # llmux 0.7's alias of /v1/models
+        app.router.add_get("/v1/models/{model:.+}", measured(m, self.get_model))
+        app.router.add_get("/health", measured(m, self.health))
+        app.router.add_get("/metrics", measured(m, self.metrics_page))
         register_fleet(app, self)
-        app.router.add_post("/v1/{tail:.+}", self.infer, expect_handler=self.expect)
+        app.router.add_post("/v1/{tail:.+}", measured(m, self.infer, by_path=True), expect_handler=self.expect)
         for path in EXTRA_MODEL_ROUTES:
-            app.router.add_post(path, self.infer, expect_handler=self.expect)
-        app.router.add_route("*", "/{tail:.*}", self.not_found)
+            app.router.add_post(path, measured(m, self.infer), expect_handler=self.expect)
+        app.router.add_route("*", "/{tail:.*}", measured(m, self.not_found))
         app.on_startup.append(self._on_startup)
         app.on_shutdown.append(self._on_shutdown)
         app.on_cleanup.append(self._on_cleanup)
@@ -140,10 +144,17 @@ class FrontEnd:
         try:
             key = self.keys.check(request)  # 401 before the body is read
             body = await read_body(request, self.max_body, self.body_timeout)
-            name = model_from(body, request.headers.get(MODEL_HEADER))
-            if name not in self.config.models or (key is not None and not key.allows(name)):
+            header = request.headers.get(MODEL_HEADER)
+            if header is None:
+                header = request.headers.get(OVERRIDE_HEADER)
+            name = model_from(body, header)
+            resolved = self.names.resolve(name)
+            # a key's scope is on the model served (an alias of it counts as it)
+            if resolved is None or (key is not None and not key.allows(resolved)):
                 raise ModelNotFound(name, self.visible_models(key))
-            model = name
+            model = resolved
+            if header is not None or resolved != name:
+                body = with_model(body, model)
             ticket = self.keys.admit(key)  # 429 under the key's limits
             waited_from = self.clock()
             try:
@@ -212,9 +223,13 @@ class FrontEnd:
             "state": getattr(state, "value", state) if state is not None else "unknown",
             "eviction": str(eviction) if eviction is not None else None,
         }
-        for field in ("process_state", "group", "in_flight", "queue_depth", "last_error"):
+        for field in ("process_state", "group", "in_flight", "queue_depth", "last_error", "idle_left_s"):
             if ms is not None and hasattr(ms, field):
                 llmux[field] = getattr(ms, field)
+        llmux["aliases"] = self.names.aliases_of(name)
+        preload = getattr(status, "preload", None) or {}
+        if name in preload:
+            llmux["preload"] = preload[name]
         fleet = model_fleet_fields(self, status, name)
         if fleet is not None:
             llmux["fleet"] = fleet
@@ -228,13 +243,28 @@ class FrontEnd:
             "llmux": llmux,
         }
 
+    def _alias_entry(self, alias: str) -> dict:
+        """An alias as /v1/models lists it: its own id, marked as an alias of its model."""
+        model = self.names.aliases[alias]
+        return {
+            "id": alias,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "llmux",
+            "root": getattr(self.config.models[model], "model_path", None),
+            "parent": model,
+            "llmux": {"alias_of": model},
+        }
+
     async def list_models(self, request: web.Request) -> web.Response:
         try:
             key = self.keys.check(request)
         except LLMuxError as exc:
             return self._fail(exc, NO_MODEL)
         status = self._status()
-        data = [self._model_entry(name, status) for name in self.visible_models(key)]
+        visible = self.visible_models(key)
+        data = [self._model_entry(name, status) for name in visible]
+        data += [self._alias_entry(alias) for alias, model in self.names.aliases.items() if model in visible]
         return web.json_response({"object": "list", "data": data})
 
     async def get_model(self, request: web.Request) -> web.Response:
@@ -243,6 +273,9 @@ class FrontEnd:
             key = self.keys.check(request)
         except LLMuxError as exc:
             return self._fail(exc, NO_MODEL)
+        alias_of = self.names.aliases.get(name)
+        if alias_of is not None and (key is None or key.allows(alias_of)):
+            return web.json_response(self._alias_entry(name))
         if name not in self.config.models or (key is not None and not key.allows(name)):
             return error_response(ModelNotFound(name, self.visible_models(key)))
         return web.json_response(self._model_entry(name, self._status()))
@@ -257,6 +290,9 @@ class FrontEnd:
                 pinned=getattr(status, "pinned", None),
                 active_models=list(getattr(status, "active_models", ()) or ()),
             )
+            preload = getattr(status, "preload", None)
+            if preload:
+                body["preload"] = dict(preload)
         return web.json_response(body)
 
     async def metrics_page(self, request: web.Request) -> web.Response:

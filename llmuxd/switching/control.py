@@ -15,6 +15,7 @@ from llmuxd.errors import InvalidEviction, ModelPinned, SwitchTimeout, UnknownMo
 from llmuxd.events import ModeChanged
 from llmuxd.eviction import DEFAULT_ENGINE, Eviction, EvictionError, check_engine
 from llmuxd.policies import Policy, SwitchCosts, make_policy
+from llmuxd.switching import concurrency
 from llmuxd.switching.errors import InvalidMode, ShuttingDown
 from llmuxd.switching.state import DEFAULT_GROUP, GroupRuntime, Listener, Mode, ModelRuntime, ModelState, Op
 
@@ -31,6 +32,8 @@ class Controls:
     _groups: Dict[str, GroupRuntime]
     _closed: bool
     _started: bool
+    _idle: Any  # llmuxd/switching/idle.py IdleEvictions
+    _preloader: Any  # llmuxd/switching/preload.py Preloader
 
     def _submit(self, m: ModelRuntime, kind: str, eviction: Optional[Eviction] = None) -> "asyncio.Future[None]":
         if self._closed:
@@ -151,10 +154,6 @@ class Controls:
             m.eviction_override = None
             return
         ev = _parse_eviction(eviction)
-        try:
-            ev.check_allowed(shared_budget=self._groups[m.group].budget_gib is not None)
-        except EvictionError as exc:
-            raise InvalidEviction(f"model '{model}': {exc}") from None
         self._check_engine(model, ev)
         m.eviction_override = ev
 
@@ -204,9 +203,11 @@ class Controls:
         for name, mc in config.models.items():
             m = self._models.get(name)
             if m is None or m.removed:
-                self._models[name] = ModelRuntime(name, mc.gpu_group, mc.gpu_memory_gib)
+                self._models[name] = ModelRuntime(name, mc.gpu_group, mc.gpu_memory_gib,
+                                                  max_concurrency=concurrency.limit_of(mc))
                 continue
             m.memory_gib = mc.gpu_memory_gib
+            m.max_concurrency = concurrency.limit_of(mc)
             if m.group != mc.gpu_group:
                 pending.append(self._move_group(m, mc.gpu_group))
         known = self._known_after(config)
@@ -231,6 +232,9 @@ class Controls:
         for g in self._groups.values():
             if g.wakeup is not None:
                 self._reevaluate(g)
+        if self._started:
+            self._idle.configure()
+            self._preloader.run()
 
     def _known_after(self, config: Any) -> List[str]:
         return sorted(config.models)

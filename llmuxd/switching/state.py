@@ -78,6 +78,8 @@ class ModelRuntime:
     drain_future: "Optional[asyncio.Future[None]]" = None
     #: removed by a reload; kept until its backend is stopped
     removed: bool = False
+    #: leases at once (config max_concurrency; None: no limit): llmuxd/switching/concurrency.py
+    max_concurrency: Optional[int] = None
 
     @property
     def awake(self) -> bool:
@@ -232,6 +234,8 @@ class ModelStatus:
     #: not_started, starting, running, sleeping:WEIGHTS+PROCESS, checkpointed, stopped
     #: or failed (see `last_error`): `process_state()`
     process_state: str = "not_started"
+    #: seconds until an idle eviction (idle_timeout), None when none is due: llmuxd/switching/idle.py
+    idle_left_s: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -252,3 +256,5 @@ class SwitcherStatus:
     models: Dict[str, ModelStatus]
     groups: Dict[str, GroupStatus] = field(default_factory=dict)
     policy: str = "fifo"
+    #: preload progress, model -> pending | starting | awake | asleep | failed: REASON (llmuxd/switching/preload.py)
+    preload: Dict[str, str] = field(default_factory=dict)
