@@ -187,3 +187,53 @@ def test_other_hosts_are_served_only_with_keys_or_auth_none(addresses, configure
     assert (problem is not None) == refused
     if refused:
         assert "no API keys" in problem and "auth: none" in problem and "llmuxctl keys add" in problem
+
+
+@pytest.mark.parametrize("stream,refused", [("127.0.0.1:3000", False), ("0.0.0.0:3000", True), ("3000", True),
+                                            ("/run/llmux/http.sock", False)])
+def test_check_config_refuses_a_keyless_socket_unit_other_hosts_reach(tmp_path, stream, refused):
+    import io
+
+    from llmuxd.daemon.checkconfig import check_config
+
+    units = tmp_path / "root" / "etc" / "systemd" / "system"
+    units.mkdir(parents=True)
+    (units / "llmux.socket").write_text(f"[Socket]\nListenStream={stream}\n")
+    config = tmp_path / "llmux.yaml"
+    config.write_text(f"listen: 127.0.0.1:3000\nkeys_dir: {tmp_path / 'keys.d'}\n")
+    (tmp_path / "keys.d").mkdir()
+    err = io.StringIO()
+    status = check_config(str(config), stdout=io.StringIO(), stderr=err, unit_root=str(tmp_path / "root"))
+    assert (status == 1) == refused, err.getvalue()
+    assert ("which other hosts can reach, with no API keys" in err.getvalue()) == refused
+    (tmp_path / "keys.d" / "k.yaml").write_text(f"id: k\nsha256: {hash_secret('s')}\n")
+    (tmp_path / "keys.d" / "k.yaml").chmod(0o640)
+    assert check_config(str(config), stdout=io.StringIO(), stderr=io.StringIO(),
+                        unit_root=str(tmp_path / "root")) == 0, "a key makes any address acceptable"
+
+
+async def test_an_alias_is_in_scope_when_its_model_is():
+    alpha, beta = FakeBackend("alpha"), FakeBackend("beta")
+    await alpha.server.start_server()
+    await beta.server.start_server()
+    config = make_config(models={"alpha": {"model_path": "/a", "aliases": ["a-latest"]},
+                                 "beta": {"model_path": "/b", "aliases": ["b-latest"]}})
+    front = FrontEnd(config, FakeSwitcher({"alpha": alpha.url, "beta": beta.url}), Metrics(),
+                     keys=KeyGate(KeyStore(keys())))
+    server = HttpServer(front.make_app(), listen="127.0.0.1:0")
+    await server.start()
+    client = Client(f"http://{server.addresses[0]}")
+    try:
+        resp = await client.post("/v1/chat/completions", json={"model": "a-latest"}, headers=bearer(CHAT))
+        assert resp.status == 200 and (await resp.json())["model"] == "alpha"
+        resp = await client.post("/v1/chat/completions", json={"model": "b-latest"}, headers=bearer(CHAT))
+        assert resp.status == 404 and (await resp.json())["error"]["code"] == "model_not_found"
+        listed = [m["id"] for m in (await (await client.get("/v1/models", headers=bearer(CHAT))).json())["data"]]
+        assert listed == ["alpha", "a-latest"]
+        assert (await client.get("/v1/models/b-latest", headers=bearer(CHAT))).status == 404
+        assert (await client.get("/v1/models/a-latest", headers=bearer(CHAT))).status == 200
+    finally:
+        await client.close()
+        await server.stop()
+        await alpha.server.close()
+        await beta.server.close()
