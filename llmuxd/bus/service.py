@@ -352,8 +352,11 @@ class LLMuxService:
         authorizer: Authorizer,
         unit_names: bool = True,
         refresh_interval: float = 1.0,
+        key_usage: Optional[Callable[[], dict]] = None,
     ) -> None:
         self.bus = bus
+        #: per API key id: requests, in_flight, limited, last_used (epoch s or None); for GetStatus
+        self.key_usage = key_usage
         self.switcher = switcher
         self.version = version
         self.authorizer = authorizer
@@ -529,7 +532,7 @@ class LLMuxService:
             idle_left = getattr(ms, "idle_left_s", None)
             if idle_left is not None:  # counting down to an idle eviction (idle_timeout)
                 models[name]["idle_left_usec"] = Variant("t", to_usec(idle_left))
-        return {
+        result = {
             "version": Variant("s", self.version),
             "api_version": Variant("u", API_VERSION),
             "mode": Variant("s", _text(st.mode) or "auto"),
@@ -538,6 +541,29 @@ class LLMuxService:
             "active_models": Variant("as", list(st.active_models)),
             "models": Variant("a{sa{sv}}", models),
             "preload": Variant("a{ss}", dict(getattr(st, "preload", None) or {})),
+        }
+        keys = self._keys_status()
+        if keys:
+            result["keys"] = Variant("a{sa{sv}}", keys)
+        return result
+
+    def _keys_status(self) -> dict[str, dict[str, Variant]]:
+        """Per API key id (never a secret): requests admitted, in flight, refused by a limit, last use."""
+        if self.key_usage is None:
+            return {}
+        try:
+            usage = self.key_usage()
+        except Exception:  # noqa: BLE001 - status must not fail on it
+            log.exception("reading API key usage failed")
+            return {}
+        return {
+            key_id: {
+                "requests": Variant("t", max(0, int(u["requests"]))),
+                "in_flight": Variant("u", max(0, min(int(u["in_flight"]), 2**32 - 1))),
+                "limited": Variant("t", max(0, int(u["limited"]))),
+                "last_used_usec": Variant("t", int(u["last_used"] * 1_000_000) if u.get("last_used") else 0),
+            }
+            for key_id, u in usage.items()
         }
 
     # -- properties --------------------------------------------------------
@@ -767,6 +793,7 @@ async def export_service(
     authorizer: Optional[Authorizer] = None,
     unit_names: bool = True,
     refresh_interval: float = 1.0,
+    key_usage: Optional[Callable[[], dict]] = None,
 ) -> LLMuxService:
     """Export the manager and model objects on `bus` for `switcher`.
 
@@ -782,6 +809,7 @@ async def export_service(
         authorizer=authorizer if authorizer is not None else PolkitAuthorizer(bus),
         unit_names=unit_names,
         refresh_interval=refresh_interval,
+        key_usage=key_usage,
     )
     await service.start()
     return service

@@ -44,6 +44,9 @@ OVERLAP_MODES = ("auto", "on", "off")
 #: auto = NVML when pynvml and a driver answer, else nvidia-smi when it works, else none;
 #: ledger = the simulator's JSON ledger named by the model's LLMUX_SIM_GPU_LEDGER (tests, demos)
 GPU_PROBES = ("auto", "nvml", "nvidia-smi", "ledger", "none")
+#: who may call (llmuxd/http/auth.py): auto = API keys when any are configured, else open,
+#: which only a loopback listen address may be; none = open on any address, said explicitly
+AUTH_MODES = ("auto", "none")
 
 
 def unknown_policy_message(value: Any) -> str:
@@ -219,6 +222,9 @@ class Config(StrictModel):
     gpu_probe: Str = "auto"
     #: models started and woken in this order at start and after a reload (llmuxd/switching/preload.py)
     preload: List[NonEmptyStr] = []
+    #: API key files (llmuxd/keys/files.py); None: /etc/llmux/keys.d when it exists
+    keys_dir: Optional[NonEmptyStr] = None
+    auth: Str = "auto"
     #: files read, in order (main file first, then drop-ins)
     sources: List[str] = []
     #: which file defined each model (the last one, when redefined)
@@ -239,6 +245,13 @@ class Config(StrictModel):
     def _known_probe(cls, v: str) -> str:  # noqa: N805
         if v not in GPU_PROBES:
             raise ValueError(f"unknown GPU probe {v!r}; allowed: {', '.join(GPU_PROBES)}")
+        return v
+
+    @pyd.validator("auth")
+    def _known_auth(cls, v: str) -> str:  # noqa: N805
+        if v not in AUTH_MODES:
+            raise ValueError(f"unknown auth {v!r}; allowed: auto (API keys from keys_dir when there are any), "
+                             "none (no keys on any address)")
         return v
 
     @pyd.validator("port_range")

@@ -38,6 +38,7 @@ def check_config(
     err = stderr or sys.stderr
     try:
         config = load_config(path, dropin_dir)
+        _check_keys(config, unit_root)
     except ConfigError as exc:
         problems = [str(i) for i in exc.issues] + ([str(w) for w in exc.warnings] if strict else [])
         for line in problems:
@@ -65,6 +66,33 @@ def check_config(
     # secrets masked (llmuxd/config/secrets.py): this output ends up in terminals, tickets and CI logs
     out.write(yaml.safe_dump(masked(config.to_dict()), sort_keys=False, default_flow_style=False))
     return 0
+
+
+def _check_keys(config: "object", unit_root: str) -> None:
+    """The API key files (each bad entry a problem, a file others can read a
+    warning) and the rule that an address other hosts reach needs keys: the
+    `listen` address and, where llmux.socket is installed, what it listens on."""
+    from llmuxd.config import ConfigIssue
+    from llmuxd.daemon.socket_unit import socket_unit_streams
+    from llmuxd.http.auth import exposure_problem
+    from llmuxd.keys.files import keys_dir_of, keys_for_config
+
+    keys, warnings = keys_for_config(config)
+    config.warnings.extend(str(w) for w in warnings)  # type: ignore[attr-defined]
+    addresses = [config.listen] + [_as_listen(s) for s in socket_unit_streams(unit_root) or []]  # type: ignore[attr-defined]
+    problem = exposure_problem(addresses, bool(keys), config.auth)  # type: ignore[attr-defined]
+    if problem is not None:
+        raise ConfigError(ConfigIssue(config.sources[0], "listen", problem))  # type: ignore[attr-defined]
+    if keys:
+        config.notes.append(f"API keys: {len(keys)} ({', '.join(k.id for k in keys)}) from "  # type: ignore[attr-defined]
+                            f"{keys_dir_of(config)[0]} and systemd credentials")
+
+
+def _as_listen(stream: str) -> str:
+    """A ListenStream= value as a `listen` address: `3000` is every host's port 3000."""
+    if stream.isdigit():
+        return f"[::]:{stream}"
+    return "unix:" + stream if stream.startswith("/") else stream
 
 
 def _socket_warning(config: object, unit_root: str) -> Optional[str]:
