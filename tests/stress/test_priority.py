@@ -39,7 +39,7 @@ def load(name: str, bulk_headers: dict[str, str]) -> Scenario:
         Wave([Req(CHAT)], name="prime"),
         Wave(streams, after="prime", name="streams"),
         Wave(bulk, after="prime", at=0.3, name="bulk"),
-        Wave(chat2, after="prime", at=0.8, name="chat2"),
+        Wave(chat2, after="prime", at=1.5, name="chat2"),  # well after bulk, still while chat streams
     ])
 
 
