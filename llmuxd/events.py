@@ -1,4 +1,5 @@
-"""What the switcher tells its observers (bus signals, metrics, logs).
+"""What happened on the host: the switcher's events (bus signals, metrics, logs)
+and, for the console's stream, requests served and log lines.
 
 Plain frozen dataclasses, delivered synchronously by `Switcher.subscribe`
 listeners: an observer sees every change in order, and needs no event loop of
@@ -23,6 +24,9 @@ class SwitchStarted:
     group: str
     from_model: Optional[str]
     to_model: Optional[str]
+    #: why it runs: "POLICY: N request(s) waiting", "manual switch", "sleep requested",
+    #: "reload: no longer configured" (descriptive: not part of the event's equality)
+    reason: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,7 @@ class SwitchFinished:
     error: Optional[str] = None
     drain_timed_out: bool = False
     skipped: bool = False
+    reason: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
@@ -63,4 +68,34 @@ class ModeChanged:
     pinned: Optional[str]
 
 
+@dataclass(frozen=True)
+class RequestServed:
+    """One proxied request ended (the front end emits it from one place, after the
+    answer or the error). Times in seconds; `first_byte` is None when nothing came
+    from a backend (an error llmux answered itself)."""
+
+    at: float  # wall clock (time.time()) when it arrived
+    model: str
+    path: str
+    status: int
+    waited: float
+    first_byte: Optional[float]
+    duration: float
+    key_id: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class LogLine:
+    """One line a backend printed (`model` set, source "backend") or one of the
+    daemon's own log lines (source "llmuxd", `model` when it is about one)."""
+
+    at: float  # wall clock
+    source: str
+    model: Optional[str]
+    text: str
+    level: str = "info"
+
+
 SwitchEvent = Union[SwitchStarted, SwitchFinished, ModelStateChanged, ModeChanged]
+#: everything the console's stream (`/llmux/v1/events`) carries
+HostEvent = Union[SwitchStarted, SwitchFinished, ModelStateChanged, ModeChanged, RequestServed, LogLine]

@@ -158,8 +158,10 @@ class SystemDaemon:
             await self.checkpoints.mark_lazy_from_store(self.orchestrator)  # first request downloads
 
         sockets = self._activation_sockets(activation_sockets())
+        from llmuxd.daemon.logsources import JournalFollower
+
         self.core = DaemonCore(self.config, self.orchestrator, sockets=sockets or None,
-                               checkpoints=self.checkpoints)
+                               checkpoints=self.checkpoints, log_source=JournalFollower())
         self.core.http.shutdown_timeout = SHUTDOWN_DRAIN
         switcher = self.core.switcher
         self._unsubscribe = switcher.subscribe(self._on_event)

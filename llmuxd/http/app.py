@@ -22,6 +22,7 @@ from aiohttp.web_urldispatcher import _default_expect_handler  # stable in 3.8 .
 
 from llmuxd.errors import LLMuxError, UnknownModel
 from llmuxd.http.body import MODEL_HEADER, check_declared_length, model_from, read_body
+from llmuxd.http.console import Console
 from llmuxd.http.errors import RouteNotFound, error_response
 from llmuxd.http.fleet import model_fleet_fields, register as register_fleet
 from llmuxd.http.proxy import Upstream
@@ -40,7 +41,8 @@ EXTRA_MODEL_ROUTES = (
 CLIENT_CLOSED = 499
 
 #: the daemon's own routes, for the not-found message
-SERVED = "POST /v1/... (with a model), GET /v1/models, GET /health, GET /metrics, GET /llmux/v1/state"
+SERVED = ("POST /v1/... (with a model), GET /v1/models, GET /health, GET /metrics, GET /llmux/v1/state, "
+          "GET /llmux/v1/events, GET /llmux/console")
 
 
 class FrontEnd:
@@ -67,6 +69,8 @@ class FrontEnd:
         self.clock = clock
         self.version = version
         self.created = int(time.time())
+        #: /llmux/console and /llmux/v1/events; each proxied request ends in `console.request_served`
+        self.console = Console(self)
 
     def reload(self, config: Any) -> None:
         """Take a new config (models, limits, timeouts) for the next requests;
@@ -83,6 +87,7 @@ class FrontEnd:
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics_page)
         register_fleet(app, self)
+        self.console.register(app)
         app.router.add_post("/v1/{tail:.+}", self.infer, expect_handler=self.expect)
         for path in EXTRA_MODEL_ROUTES:
             app.router.add_post(path, self.infer, expect_handler=self.expect)
@@ -154,7 +159,9 @@ class FrontEnd:
             status = response.status
             return response
         finally:
-            self.metrics.observe_request(model, status, self.clock() - started, wait > WAITED_THRESHOLD_S)
+            duration = self.clock() - started
+            self.metrics.observe_request(model, status, duration, wait > WAITED_THRESHOLD_S)
+            self.console.request_served(request, model, status, wait, started, duration)
 
     def _fail(self, exc: LLMuxError, model: str) -> web.Response:
         """The one mapping from llmux errors to responses."""

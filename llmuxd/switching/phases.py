@@ -44,6 +44,7 @@ class SwitchPhases:
         forced: bool = False,
         eviction: Optional[Eviction] = None,
         stop: bool = False,
+        reason: str = "",
     ) -> Optional[LLMuxError]:
         """Evict `victims` (default: what the budget needs) and wake `target` (None: evict only).
 
@@ -57,7 +58,7 @@ class SwitchPhases:
         to_name = target.name if target is not None else None
         g.switching = (tuple(v.name for v in victims), to_name)
         g.switch_started_at = start
-        self._emit(SwitchStarted(g.name, from_name, to_name))
+        self._emit(SwitchStarted(g.name, from_name, to_name, reason))
         phases: Dict[str, float] = {}
         failure: Optional[LLMuxError] = None
         ok = False
@@ -147,7 +148,7 @@ class SwitchPhases:
                 SwitchFinished(
                     g.name, from_name, to_name, ok=ok, duration=self._clock() - start, phases=phases,
                     error=(str(failure) if failure else ("skipped: no request waits for it any more" if skipped else None)),
-                    drain_timed_out=drain_timed_out, skipped=skipped,
+                    drain_timed_out=drain_timed_out, skipped=skipped, reason=reason,
                 )
             )
 
