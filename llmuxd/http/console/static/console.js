@@ -197,7 +197,7 @@ function drawAccess() {
   const a = S.access;
   const banner = $("access");
   if (!a) { banner.textContent = ""; return; }
-  banner.textContent = a.control ? "Controls enabled: " + a.why : "Read-only — " + a.why;
+  banner.textContent = a.control ? "Controls enabled: " + a.why + "." : "Controls off — " + a.why;
 }
 
 function drawModels() {
