@@ -11,6 +11,9 @@ and side by side in front of it, each in its own process:
   llmux-asyncio   `llmuxd run --event-loop asyncio`, one model whose command
                   is the same backend program (llmux starts it, as it would vLLM)
   llmux-uvloop    `llmuxd run --event-loop uvloop`
+  keyed-asyncio   with --keys: llmuxd as above with API keys configured
+  keyed-uvloop    (KEYS_IN_STORE keys; every request of every target sends
+                  one of them as `Authorization: Bearer`, which the others ignore)
   vllm-router     PyPI vllm-router (Rust), --policy round_robin     [optional]
   litellm         PyPI litellm[proxy], one worker                   [optional]
 
@@ -34,6 +37,7 @@ for a proxy's row to mean the proxy.
     python benchmarks/proxy_overhead.py             # full table, under 10 minutes
     python benchmarks/proxy_overhead.py --quick     # one round of 1-s measurements, ~1 minute
     python benchmarks/proxy_overhead.py --targets direct,bare-uvloop,llmux-uvloop --rounds 3
+    python benchmarks/proxy_overhead.py --no-peers --keys --targets llmux-asyncio,keyed-asyncio,llmux-uvloop,keyed-uvloop
 """
 
 from __future__ import annotations
@@ -77,10 +81,16 @@ CONCURRENCY = (32, 256)
 PEERS = {"vllm-router": "vllm-router", "litellm": "litellm[proxy]"}
 PEER_INSTALL_TIMEOUT = 900
 
+#: --keys: how many keys the keyed targets hold (a lookup compares the presented key's hash with each)
+KEYS_IN_STORE = 10
+#: --keys: the secret every request sends (to every target, so that all carry the same bytes)
+BENCH_SECRET = "sk-llmux-benchmark-secret-0000000000000000000000000"
+
 WRK_SCRIPT = """\
 wrk.method = "POST"
 wrk.body = [[%s]]
 wrk.headers["Content-Type"] = "application/json"
+%s
 done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format('{"requests": %%d, "duration_us": %%d, "socket_errors": %%d, "non2xx": %%d, "p50_us": %%d, "p99_us": %%d}\\n',
@@ -246,6 +256,9 @@ def make_targets(args: argparse.Namespace, tools: dict[str, str], workdir: Path,
         targets.append(Target(f"bare-{loop}", port, [py, str(ROOT / "benchmarks" / "bare_proxy.py"), "--port",
                                                      str(port), "--backend", backend, "--loop", loop]))
     checkouts = [("llmux", ROOT)] + ([("base", Path(args.baseline).resolve())] if args.baseline else [])
+    checkouts += [("keyed", ROOT)] if args.keys else []
+    empty_keys_dir = workdir / "no-keys.d"
+    empty_keys_dir.mkdir(exist_ok=True)
     for (prefix, checkout), loop in itertools.product(checkouts, ("asyncio", "uvloop")):
         port = free_port()
         config = workdir / f"{prefix}-{loop}.yaml"
@@ -253,6 +266,9 @@ def make_targets(args: argparse.Namespace, tools: dict[str, str], workdir: Path,
             "listen": f"127.0.0.1:{port}",
             "models": {MODEL: {"model_path": "/bench", "command": [tools["fixed_backend"]],
                                "port": free_port(), "extra_args": ["--chunks", str(args.chunks)]}},
+            # never the host's /etc/llmux/keys.d: only the keyed targets have keys
+            **({"keys_dir": str(write_keys(workdir) if prefix == "keyed" else empty_keys_dir)}
+               if args.keys else {}),
         }))
         # llmuxd from that checkout, whatever else is installed
         targets.append(Target(f"{prefix}-{loop}", port, [py, "-m", "llmuxd.daemon.main", "run", "--config",
@@ -289,8 +305,27 @@ def make_targets(args: argparse.Namespace, tools: dict[str, str], workdir: Path,
     return targets
 
 
+def write_keys(workdir: Path) -> Path:
+    """A keys dir of KEYS_IN_STORE keys, the last one BENCH_SECRET's (a lookup checks all of them anyway)."""
+    keys_dir = workdir / "keys.d"
+    keys_dir.mkdir(exist_ok=True)
+    entries = []
+    for n in range(KEYS_IN_STORE):
+        secret = BENCH_SECRET if n == KEYS_IN_STORE - 1 else f"sk-llmux-other-{n}"
+        entries.append({"id": f"bench-{n}", "sha256": hashlib.sha256(secret.encode()).hexdigest()})
+    path = keys_dir / "bench.yaml"
+    path.write_text(json.dumps({"keys": entries}))
+    path.chmod(0o640)
+    return keys_dir
+
+
+#: headers every request carries (set by main: the key with --keys)
+REQUEST_HEADERS: dict[str, str] = {}
+
+
 def answers(url: str) -> bool:
-    req = urllib.request.Request(url + PATH, data=BODY.encode(), headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(url + PATH, data=BODY.encode(),
+                                 headers={"Content-Type": "application/json", **REQUEST_HEADERS})
     try:
         with urllib.request.urlopen(req, timeout=10) as r:
             return r.status == 200 and b"choices" in r.read()
@@ -344,8 +379,9 @@ def wrk(wrk_bin: str, script: str, target: Target, conns: int, duration: int) ->
 
 def sse(client: str, target: Target, duration: int) -> dict[str, float]:
     before = target.cpu_ticks()
+    headers = [arg for name, value in REQUEST_HEADERS.items() for arg in ("--header", f"{name}: {value}")]
     r, gen_cpu = run_child([client, "--port", str(target.port), "--path", PATH, "--body", STREAM_BODY,
-                            "--streams", str(SSE_STREAMS), "--duration", str(duration)])
+                            "--streams", str(SSE_STREAMS), "--duration", str(duration), *headers])
     proxy_cpu = (target.cpu_ticks() - before) / CLK_TCK
     return {
         "sse_chunks_per_s": r["events_in_window"] / r["window_s"],
@@ -440,6 +476,8 @@ COMPARISONS = [
     ("llmux (uvloop) / litellm", "llmux-uvloop", "litellm"),
     ("this checkout / --baseline, asyncio loop", "llmux-asyncio", "base-asyncio"),
     ("this checkout / --baseline, uvloop", "llmux-uvloop", "base-uvloop"),
+    ("--keys: a key on every request / no keys, asyncio loop", "keyed-asyncio", "llmux-asyncio"),
+    ("--keys: a key on every request / no keys, uvloop", "keyed-uvloop", "llmux-uvloop"),
 ]
 
 
@@ -514,7 +552,12 @@ def main() -> int:
     parser.add_argument("--baseline", metavar="DIR",
                         help="also measure llmuxd from another checkout (base-asyncio, base-uvloop), "
                              "e.g. one made with `git worktree add DIR HEAD~1`, to see what a change costs")
+    parser.add_argument("--keys", action="store_true",
+                        help=f"also measure llmuxd with API keys ({KEYS_IN_STORE} keys; keyed-asyncio, keyed-uvloop); "
+                             "every request of every target then sends a key")
     args = parser.parse_args()
+    if args.keys:
+        REQUEST_HEADERS["Authorization"] = f"Bearer {BENCH_SECRET}"
     if args.quick:
         args.rounds, args.duration = 1, 1
 
@@ -523,7 +566,8 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="llmux-proxy-bench-"))
     tools["wrk"] = wrk_bin
     tools["wrk_script"] = str(workdir / "post.lua")
-    Path(tools["wrk_script"]).write_text(WRK_SCRIPT % BODY)
+    Path(tools["wrk_script"]).write_text(WRK_SCRIPT % (BODY, "\n".join(
+        f'wrk.headers["{name}"] = "{value}"' for name, value in REQUEST_HEADERS.items())))
 
     targets = make_targets(args, tools, workdir, free_port())
     try:

@@ -9,6 +9,10 @@
     llmuxctl reload
     llmuxctl logs MODEL [JOURNALCTL-ARGS...]
     llmuxctl fleet HOST_URL...           several hosts' state, and a LiteLLM config for them (HTTP, no bus)
+    llmuxctl keys add NAME [--models M...] [--max-in-flight N] [--rate R[/s] --burst B]
+                  [--priority batch] [--expires DATE] [--control] [--dir DIR]
+                                         new API key: the secret alone on stdout, once
+    llmuxctl keys list | revoke NAME     key files (no secrets), with use counts from llmuxd
 
 It talks to the system bus (DBUS_SYSTEM_BUS_ADDRESS is honoured) or, with
 --user, to an embedded daemon on the session bus. Errors are one line on
@@ -89,7 +93,29 @@ def format_status(status: dict) -> str:
     if errors:
         lines.append("")
         lines.extend(f"(!) {n}: {e}" for n, e in errors)
+    if status.get("keys"):
+        import time
+
+        lines.append("")
+        lines.extend(format_keys(status["keys"], time.time()))
     return "\n".join(lines)
+
+
+def _ago(epoch_usec: int, now: float) -> str:
+    if not epoch_usec:
+        return "never"
+    return _seconds(int(max(0.0, now - epoch_usec / 1_000_000) * 1_000_000)) + " ago"
+
+
+def format_keys(keys: dict, now: float) -> list[str]:
+    """The per-key rows of `llmuxctl status` (ids only, never a secret)."""
+    rows = [("KEY", "REQUESTS", "IN-FLIGHT", "LIMITED", "LAST USE")]
+    for key_id in sorted(keys):
+        k = keys[key_id]
+        rows.append((key_id, str(k.get("requests", 0)), str(k.get("in_flight", 0)), str(k.get("limited", 0)),
+                     _ago(k.get("last_used_usec", 0), now)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("fleet", help="show several llmux hosts' state and print a LiteLLM config for them")
     s.add_argument("hosts", nargs="+", metavar="HOST_URL", help="e.g. http://gpu1:3000 (or gpu1:3000)")
     s.add_argument("--only", choices=["table", "litellm", "vllm-router"], help="print only this part")
+    from llmuxd.keys.ctl import add_parser as add_keys_parser
+
+    add_keys_parser(sub)
     return p
 
 
@@ -206,6 +235,8 @@ class Ctl:
             return self.logs()
         if a.command == "fleet":
             return await self.fleet()
+        if a.command == "keys":
+            return await self.keys()
         client = await self.connect()
         try:
             return await getattr(self, "cmd_" + a.command)(client)
@@ -245,6 +276,33 @@ class Ctl:
             print(f"llmuxctl: {len(down)} of {len(reports)} hosts did not answer; they are left out", file=sys.stderr)
             return EXIT_FAILED
         return EXIT_OK
+
+    async def keys(self) -> int:
+        """Key files directly (no bus); `keys list` asks llmuxd for use counts when it answers."""
+        from llmuxd.keys import ctl as keys_ctl
+
+        usage: Optional[dict] = None
+        if self.args.keys_command == "list":
+            usage = await self._key_usage()
+        try:
+            return keys_ctl.run(self.args, usage)
+        except keys_ctl.KeysCtlError as err:
+            raise CtlError(str(err), err.status) from None
+
+    async def _key_usage(self) -> Optional[dict]:
+        """Per key use from llmuxd's status, or None when it does not answer."""
+        from llmuxd.bus.connection import open_bus
+
+        try:
+            client = LLMuxClient(await asyncio.wait_for(open_bus(system=not self.args.user), 5))
+        except Exception:  # noqa: BLE001 - no bus, no daemon: list the files without counts
+            return None
+        try:
+            return (await asyncio.wait_for(client.status(), 5)).get("keys", {})
+        except (BusCallError, asyncio.TimeoutError):
+            return None
+        finally:
+            client.bus.disconnect()
 
     async def cmd_status(self, c: LLMuxClient) -> int:
         status = await c.status()

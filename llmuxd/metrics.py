@@ -53,8 +53,9 @@ class Metrics:
         r = self.registry
         self.requests_total = Counter(
             "llmux_requests_total",
-            "Inference requests answered, by model, HTTP status and whether they waited for their model",
-            ["model", "status", "waited"],
+            "Inference requests answered, by model, HTTP status, whether they waited for their model "
+            "and API key id (empty without keys)",
+            ["model", "status", "waited", "key"],
             registry=r,
         )
         self.request_duration = Histogram(
@@ -156,8 +157,10 @@ class Metrics:
 
     # -- requests -----------------------------------------------------------
 
-    def observe_request(self, model: str, status: int, duration: float, waited: bool = False) -> None:
-        self._child(self._requests_total, self.requests_total, model, str(status), "true" if waited else "false").inc()
+    def observe_request(self, model: str, status: int, duration: float, waited: bool = False, key: str = "") -> None:
+        """`key`: the API key's id (configured ids only, so the label stays bounded)."""
+        self._child(self._requests_total, self.requests_total, model, str(status), "true" if waited else "false",
+                    key).inc()
         if model != NO_MODEL:
             self._child(self._request_duration, self.request_duration, model).observe(duration)
 

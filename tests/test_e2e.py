@@ -257,7 +257,7 @@ def test_metrics_count_switches_and_requests(llmux):
     for model in ("alpha", "beta", "alpha"):
         client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}], max_tokens=1)
     after = scrape()
-    ok = 'llmux_requests_total{model="%s",status="200",'  # waited="true" and "false"
+    ok = 'llmux_requests_total{key="",model="%s",status="200",'  # waited="true" and "false"
     assert value(after, ok % "alpha") - value(before, ok % "alpha") == 2
     assert value(after, ok % "beta") - value(before, ok % "beta") == 1
     switches = 'llmux_switch_total{from="beta",result="ok",to="alpha"}'

@@ -90,9 +90,9 @@ def test_metrics_port_serves_07s_metric_names(daemon):
     assert value(text, 'llmux_switch_failures_total{to="broken"}') == 1
     assert 'llmux_in_flight{model="alpha"} 0.0' in text
     # 0.7's {model, waited} and our {model, status} are one counter: both sums hold
-    assert value(text, 'llmux_requests_total{model="alpha",status="200",') == 2
-    assert value(text, 'llmux_requests_total{model="alpha",status="200",waited="true"}') == 2  # each woke alpha
-    assert value(text, 'llmux_requests_total{model="broken",status="502",waited="true"}') == 1
+    assert value(text, 'llmux_requests_total{key="",model="alpha",status="200",') == 2
+    assert value(text, 'llmux_requests_total{key="",model="alpha",status="200",waited="true"}') == 2  # each woke alpha
+    assert value(text, 'llmux_requests_total{key="",model="broken",status="502",waited="true"}') == 1
     main = scrape(daemon.base + "/metrics")  # the listen address keeps serving them too
     assert value(main, "llmux_switches_total{") == value(text, "llmux_switches_total{") == 3
 

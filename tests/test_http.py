@@ -302,7 +302,8 @@ async def test_backend_errors_pass_through_as_the_backend_wrote_them(rig):
 # -- errors in OpenAI's envelope ----------------------------------------------
 
 BAD_BODIES = [
-    # (what, raw body, status, words the message must contain)
+    # (what, raw body, status, words the message must contain); code: the status, or
+    # OpenAI's model_not_found for a model that is not served (the same answer as one a key may not use)
     ("invalid JSON", b'{"model": "alpha",', 400, "not valid JSON"),
     ("missing model", b'{"messages": []}', 400, 'no "model" field'),
     ("model not a string", b'{"model": 7}', 400, "must be a non-empty string"),
@@ -323,7 +324,7 @@ async def test_bad_requests_get_openai_envelopes(rig, what, raw, status, words):
     err = (await resp.json())["error"]
     assert set(err) == {"message", "type", "param", "code"}
     assert words in err["message"]
-    assert err["code"] == status
+    assert err["code"] == ("model_not_found" if status == 404 else status)
     assert err["type"] == "invalid_request_error"
     assert rig.switcher.acquired == [], "a bad request never waits for a model"
 
@@ -466,8 +467,8 @@ async def test_metrics_count_requests_and_switches(rig):
         SwitchFinished("default", "alpha", "beta", True, 2.5, {"drain": 0.5, "wake": 2.0})
     )
     text = await (await rig.client.get("/metrics")).text()
-    assert 'llmux_requests_total{model="alpha",status="200",waited="false"} 1.0' in text
-    assert 'llmux_requests_total{model="",status="404",waited="false"} 1.0' in text
+    assert 'llmux_requests_total{key="",model="alpha",status="200",waited="false"} 1.0' in text
+    assert 'llmux_requests_total{key="",model="",status="404",waited="false"} 1.0' in text
     assert 'llmux_switch_total{from="alpha",result="ok",to="beta"} 1.0' in text
     assert 'llmux_switch_phase_seconds_count{from="alpha",phase="wake",to="beta"} 1.0' in text
     assert 'llmux_active_model_info{model="alpha"} 1.0' in text

@@ -119,4 +119,4 @@ def test_metrics_port_serves_07s_names_in_system_mode(compat_svc):
     assert switches == {("", "alpha"): 1.0, ("alpha", "beta"): 1.0, ("beta", "alpha"): 1.0}, text
     assert re.search(r'^llmux_switch_total_seconds_count\{from="alpha",to="beta"\} 1\.0$', text, re.M)
     assert re.search(r'^llmux_in_flight\{model="beta"\} 0\.0$', text, re.M)
-    assert re.search(r'^llmux_requests_total\{model="alpha",status="503",waited="false"\} 1\.0$', text, re.M)
+    assert re.search(r'^llmux_requests_total\{key="",model="alpha",status="503",waited="false"\} 1\.0$', text, re.M)

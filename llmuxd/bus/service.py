@@ -350,8 +350,11 @@ class LLMuxService:
         authorizer: Authorizer,
         unit_names: bool = True,
         refresh_interval: float = 1.0,
+        key_usage: Optional[Callable[[], dict]] = None,
     ) -> None:
         self.bus = bus
+        #: per API key id: requests, in_flight, limited, last_used (epoch s or None); for GetStatus
+        self.key_usage = key_usage
         self.switcher = switcher
         self.version = version
         self.authorizer = authorizer
@@ -522,7 +525,7 @@ class LLMuxService:
                 "last_error": Variant("s", props["LastError"]),
                 "last_switch_usec": Variant("t", props["LastSwitchUSec"]),
             }
-        return {
+        result = {
             "version": Variant("s", self.version),
             "api_version": Variant("u", API_VERSION),
             "mode": Variant("s", _text(st.mode) or "auto"),
@@ -530,6 +533,29 @@ class LLMuxService:
             "state": Variant("s", _text(st.state)),
             "active_models": Variant("as", list(st.active_models)),
             "models": Variant("a{sa{sv}}", models),
+        }
+        keys = self._keys_status()
+        if keys:
+            result["keys"] = Variant("a{sa{sv}}", keys)
+        return result
+
+    def _keys_status(self) -> dict[str, dict[str, Variant]]:
+        """Per API key id (never a secret): requests admitted, in flight, refused by a limit, last use."""
+        if self.key_usage is None:
+            return {}
+        try:
+            usage = self.key_usage()
+        except Exception:  # noqa: BLE001 - status must not fail on it
+            log.exception("reading API key usage failed")
+            return {}
+        return {
+            key_id: {
+                "requests": Variant("t", max(0, int(u["requests"]))),
+                "in_flight": Variant("u", max(0, min(int(u["in_flight"]), 2**32 - 1))),
+                "limited": Variant("t", max(0, int(u["limited"]))),
+                "last_used_usec": Variant("t", int(u["last_used"] * 1_000_000) if u.get("last_used") else 0),
+            }
+            for key_id, u in usage.items()
         }
 
     # -- properties --------------------------------------------------------
@@ -759,6 +785,7 @@ async def export_service(
     authorizer: Optional[Authorizer] = None,
     unit_names: bool = True,
     refresh_interval: float = 1.0,
+    key_usage: Optional[Callable[[], dict]] = None,
 ) -> LLMuxService:
     """Export the manager and model objects on `bus` for `switcher`.
 
@@ -774,6 +801,7 @@ async def export_service(
         authorizer=authorizer if authorizer is not None else PolkitAuthorizer(bus),
         unit_names=unit_names,
         refresh_interval=refresh_interval,
+        key_usage=key_usage,
     )
     await service.start()
     return service

@@ -41,6 +41,9 @@ POLICY_TYPES = ("fifo", "cost_aware", "time_slice")
 #: auto = NVML when pynvml and a driver answer, else nvidia-smi when it works, else none;
 #: ledger = the simulator's JSON ledger named by the model's LLMUX_SIM_GPU_LEDGER (tests, demos)
 GPU_PROBES = ("auto", "nvml", "nvidia-smi", "ledger", "none")
+#: who may call (llmuxd/http/auth.py): auto = API keys when any are configured, else open,
+#: which only a loopback listen address may be; none = open on any address, said explicitly
+AUTH_MODES = ("auto", "none")
 
 
 def unknown_policy_message(value: Any) -> str:
@@ -178,6 +181,9 @@ class Config(StrictModel):
     stop_backends_on_exit: Bool = False
     user: Optional[NonEmptyStr] = "llmux"
     gpu_probe: Str = "auto"
+    #: API key files (llmuxd/keys/files.py); None: /etc/llmux/keys.d when it exists
+    keys_dir: Optional[NonEmptyStr] = None
+    auth: Str = "auto"
     #: files read, in order (main file first, then drop-ins)
     sources: List[str] = []
     #: which file defined each model (the last one, when redefined)
@@ -198,6 +204,13 @@ class Config(StrictModel):
     def _known_probe(cls, v: str) -> str:  # noqa: N805
         if v not in GPU_PROBES:
             raise ValueError(f"unknown GPU probe {v!r}; allowed: {', '.join(GPU_PROBES)}")
+        return v
+
+    @pyd.validator("auth")
+    def _known_auth(cls, v: str) -> str:  # noqa: N805
+        if v not in AUTH_MODES:
+            raise ValueError(f"unknown auth {v!r}; allowed: auto (API keys from keys_dir when there are any), "
+                             "none (no keys on any address)")
         return v
 
     @pyd.validator("port_range")

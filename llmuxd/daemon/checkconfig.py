@@ -36,6 +36,7 @@ def check_config(
     err = stderr or sys.stderr
     try:
         config = load_config(path, dropin_dir)
+        _check_keys(config)
     except ConfigError as exc:
         problems = [str(i) for i in exc.issues] + ([str(w) for w in exc.warnings] if strict else [])
         for line in problems:
@@ -59,6 +60,23 @@ def check_config(
         out.write(f"#   {source}\n")
     out.write(yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=False))
     return 0
+
+
+def _check_keys(config: "object") -> None:
+    """The API key files (each bad entry a problem, a file others can read a
+    warning) and the rule that a listen address other hosts reach needs keys."""
+    from llmuxd.config import ConfigIssue
+    from llmuxd.http.auth import exposure_problem
+    from llmuxd.keys.files import keys_dir_of, keys_for_config
+
+    keys, warnings = keys_for_config(config)
+    config.warnings.extend(str(w) for w in warnings)  # type: ignore[attr-defined]
+    problem = exposure_problem([config.listen], bool(keys), config.auth)  # type: ignore[attr-defined]
+    if problem is not None:
+        raise ConfigError(ConfigIssue(config.sources[0], "listen", problem))  # type: ignore[attr-defined]
+    if keys:
+        config.notes.append(f"API keys: {len(keys)} ({', '.join(k.id for k in keys)}) from "  # type: ignore[attr-defined]
+                            f"{keys_dir_of(config)[0]} and systemd credentials")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

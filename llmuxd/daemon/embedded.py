@@ -79,6 +79,22 @@ def _log_switch(event: Any) -> None:
                   error=event.error)
 
 
+def load_keys(config: Any) -> list:
+    """The API keys `config` puts in force (none with `auth: none`), warnings
+    logged; raises ConfigError, one line per bad key file entry, before anything changes."""
+    from llmuxd.keys.files import keys_for_config
+
+    keys, warnings = keys_for_config(config)
+    for warning in warnings:
+        log.warning("keys: %s", warning)
+    if getattr(config, "auth", "auto") == "none":
+        if keys:
+            log.warning("auth: none: the %d API key(s) found are not checked; every caller may use every model",
+                        len(keys))
+        return []
+    return keys
+
+
 def log_config_warnings(config: Any) -> None:
     """Each config warning (unknown keys, llmux 0.7 keys without effect) in the log,
     as `check-config` shows them: the daemon loads such a file, so say what it ignored."""
@@ -151,13 +167,18 @@ class DaemonCore:
             backends.on_unexpected_exit(self.metrics.on_backend_exit)
         if checkpoints is not None:
             self.metrics.effectiveness_source = lambda: checkpoints.effectiveness
-        self.frontend = FrontEnd(config, self.switcher, self.metrics, version=self.version)
+        from llmuxd.http.auth import KeyGate
+
+        #: the API keys in force (loaded by start() and reload()) and their per-key limits
+        self.keys = KeyGate()
+        self.frontend = FrontEnd(config, self.switcher, self.metrics, version=self.version, keys=self.keys)
         self.app = self.frontend.make_app()
         self.app.on_shutdown.append(self._refuse_waiters)
         self.http = HttpServer(self.app, listen=listen or config.listen, sockets=sockets)
         #: metrics_port's server (llmux 0.7's metrics server), on the host of the listen address
         self.metrics_http: HttpServer | None = None
         self._listen = listen or config.listen
+        self._sockets = sockets
         self._unsubscribe: list[Callable[[], None]] = []
         #: the console's log lines: captured backend output here, the journal in system mode
         self.log_source = log_source if log_source is not None else CapturedOutput()
@@ -180,9 +201,31 @@ class DaemonCore:
         await self.metrics_http.start()
         log.info("serving /metrics on %s (metrics_port)", ", ".join(self.metrics_http.addresses))
 
+    def _use_keys(self, keys: list) -> None:
+        from llmuxd.daemon.journal import EVENT_KEYS_LOADED, log_event
+
+        self.keys.store.replace(keys)
+        ids = ",".join(k.id for k in keys)
+        log_event(log, EVENT_KEYS_LOADED, "API keys: %s", f"{len(keys)} in force ({ids})" if keys else
+                  "none, the front end is open", count=len(keys), keys=ids or None)
+
+    def _check_exposure(self) -> None:
+        """Refuse to serve other hosts without keys (unless `auth: none`)."""
+        from llmuxd.config import ConfigError, ConfigIssue
+        from llmuxd.http.auth import exposure_problem
+        from llmuxd.http.listen import socket_address
+
+        addresses = [socket_address(s) for s in self._sockets] if self._sockets else [self._listen]
+        problem = exposure_problem(addresses, self.keys.store.configured, getattr(self.config, "auth", "auto"))
+        if problem is not None:
+            source = (getattr(self.config, "sources", None) or ["<config>"])[0]
+            raise ConfigError(ConfigIssue(source, "listen", problem))
+
     async def start(self) -> None:
-        """Start switching, warm up if configured, then serve HTTP."""
+        """Load the API keys, start switching, warm up if configured, then serve HTTP."""
         log_config_warnings(self.config)
+        self._use_keys(load_keys(self.config))
+        self._check_exposure()
         self._unsubscribe.append(self.switcher.subscribe(self.metrics.on_switch_event))
         self._unsubscribe.append(self.switcher.subscribe(_log_switch))
         await self.log_source.start()
@@ -221,14 +264,17 @@ class DaemonCore:
                 await self.switcher.sleep_model(name)
                 log.info("warm-up: %s ready and asleep (%s)", name, self.switcher.eviction_for(name))
 
-    async def reload(self, config: Any) -> None:
+    async def reload(self, config: Any, api_keys: list | None = None) -> None:
         """Apply a new, already validated config: backends whose launch
         settings changed are put away (they start again on their next
         request), then the backends, the switcher (adds models, drains and
         stops removed ones) and the front end (request_timeout,
         max_body_bytes, /v1/models) take it. The listen address is not
-        re-bound; changing it needs a restart."""
+        re-bound; changing it needs a restart. `api_keys` (else read for `config`)
+        replace the API keys last: requests admitted under a revoked key finish."""
         old = self.config
+        if api_keys is None:
+            api_keys = load_keys(config)  # a bad key file raises here, before any change
         log_config_warnings(config)
         for key in ("listen", "metrics_port"):
             if getattr(old, key, None) != getattr(config, key, None):
@@ -254,6 +300,7 @@ class DaemonCore:
                 log.info("model %s is no longer configured: its checkpoint images were deleted", name)
         self.config = config
         self.frontend.reload(config)
+        self._use_keys(api_keys)
 
     async def _refuse_waiters(self, app: Any) -> None:
         """HTTP's drain is over with requests still waiting for a model: they
@@ -356,7 +403,7 @@ class EmbeddedDaemon:
         # every caller is this daemon's own user: no polkit, nothing to ask.
         self.service = await export_service(self.bus, self.core.switcher, reload=self.reload,
                                             version=self.core.version, authorizer=AllowAll(),
-                                            unit_names=False)
+                                            unit_names=False, key_usage=self.core.keys.usage)
         try:
             await self.service.request_name()
         except RuntimeError as exc:
@@ -396,11 +443,12 @@ class EmbeddedDaemon:
         async with self._reload_lock:
             try:
                 new = load_config(self.config_path, self.dropin_dir)  # validates; raises before any change
+                keys = load_keys(new)
             except ConfigError as exc:
-                log.error("reload refused, the running configuration stays:\n%s", exc)
+                log.error("reload refused, the running configuration and API keys stay:\n%s", exc)
                 raise
             old = self.config
-            await self.core.reload(new)
+            await self.core.reload(new, keys)
             self.config = new
             added = [m for m in new.models if m not in old.models]
             removed = [m for m in old.models if m not in new.models]

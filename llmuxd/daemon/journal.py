@@ -55,8 +55,15 @@ EVENT_CHECKPOINT_UPLOAD_FAILED = "checkpoint_upload_failed"
 EVENT_CHECKPOINT_DOWNLOAD_PROGRESS = "checkpoint_download_progress"
 EVENT_CHECKPOINT_DOWNLOADED = "checkpoint_downloaded"
 EVENT_CHECKPOINT_DOWNLOAD_FAILED = "checkpoint_download_failed"
+# API keys (llmuxd/http/auth.py): refusals are summed per minute, never one line per request
+EVENT_KEYS_LOADED = "keys_loaded"
+EVENT_KEY_REFUSED = "key_refused"
+EVENT_KEY_LIMITED = "key_limited"
 
 MESSAGE_IDS: dict[str, str] = {
+    EVENT_KEYS_LOADED: "8989c7cfcfda453aa1d7418f256b186a",
+    EVENT_KEY_REFUSED: "b43d28630b2543f08ab5c33a862c5bdc",
+    EVENT_KEY_LIMITED: "b2889c5ecf444ae69e7e8f9096d6d77d",
     EVENT_DAEMON_READY: "40de0105bb9c4bfd9c34b4cada352581",
     EVENT_DAEMON_STOPPING: "136904e19b44458f84a7d1ec4a74cdeb",
     EVENT_RELOAD_FINISHED: "ced473e73a6b4b35bc5699d58cd694c7",

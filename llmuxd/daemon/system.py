@@ -31,7 +31,7 @@ from llmuxd.daemon import eventloop, journal
 from llmuxd.daemon.journal import log_event
 from llmuxd.daemon.notify import Notifier, format_status
 from llmuxd.daemon.state import DaemonState, StateStore
-from llmuxd.daemon.embedded import launch_settings_changed
+from llmuxd.daemon.embedded import launch_settings_changed, load_keys
 from llmuxd.lifecycle import BackendState
 
 log = logging.getLogger("llmuxd")
@@ -208,7 +208,8 @@ class SystemDaemon:
         address = self.bus_address or os.environ.get("DBUS_SYSTEM_BUS_ADDRESS")
         self.bus = await MessageBus(bus_address=address, bus_type=BusType.SYSTEM).connect()
         self.service = LLMuxService(self.bus, self.core.switcher, reload=self.reload,
-                                    version=self.core.version, authorizer=PolkitAuthorizer(self.bus))
+                                    version=self.core.version, authorizer=PolkitAuthorizer(self.bus),
+                                    key_usage=self.core.keys.usage)
         await self.service.start()
         await self.service.request_name()
         self._tasks.append(asyncio.get_running_loop().create_task(self._watch_bus(), name="llmuxd-bus-watch"))
@@ -314,16 +315,17 @@ class SystemDaemon:
             try:
                 try:
                     new = load_config(self.config_path)
+                    keys = load_keys(new)
                 except ConfigError as exc:
                     log_event(log, journal.EVENT_RELOAD_FAILED,
-                              "reload refused, the running configuration stays:\n%s", exc,
+                              "reload refused, the running configuration and API keys stay:\n%s", exc,
                               level=logging.ERROR, path=self.config_path)
                     raise
-                await self._apply_config(new)
+                await self._apply_config(new, keys)
             finally:
                 self.notifier.ready(self._status())
 
-    async def _apply_config(self, new: Any) -> None:
+    async def _apply_config(self, new: Any, keys: list) -> None:
         old = self.config
         if old.state_dir != new.state_dir:
             log.warning("state_dir changed from %s to %s: this takes a restart of llmuxd",
@@ -335,7 +337,7 @@ class SystemDaemon:
         changed = {m: keys for m, keys in changed.items() if keys}
         # the same reload as embedded mode: changed backends restart on demand,
         # removed ones are drained and stopped, the front end takes new limits
-        await self.core.reload(new)
+        await self.core.reload(new, keys)
         self.config = new
         self._save_state()
         log_event(log, journal.EVENT_RELOAD_FINISHED, "reloaded %s: %d models (added: %s; removed: %s; "

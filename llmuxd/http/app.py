@@ -13,6 +13,7 @@ llmux errors meet HTTP.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from typing import Any, Callable
@@ -20,10 +21,12 @@ from typing import Any, Callable
 from aiohttp import web
 from aiohttp.web_urldispatcher import _default_expect_handler  # stable in 3.8 .. 3.1x
 
-from llmuxd.errors import LLMuxError, UnknownModel
+from llmuxd.daemon.journal import FIELDS_ATTR
+from llmuxd.errors import LLMuxError
+from llmuxd.http.auth import KEY_HEADERS, NO_KEY, KeyGate, refusal_headers
 from llmuxd.http.body import MODEL_HEADER, check_declared_length, model_from, read_body
 from llmuxd.http.console import Console
-from llmuxd.http.errors import RouteNotFound, error_response
+from llmuxd.http.errors import ModelNotFound, RouteNotFound, error_response
 from llmuxd.http.fleet import model_fleet_fields, register as register_fleet
 from llmuxd.http.proxy import Upstream
 from llmuxd.metrics import NO_MODEL, WAITED_THRESHOLD_S, Metrics
@@ -58,9 +61,14 @@ class FrontEnd:
         body_timeout: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
         version: str = "",
+        keys: KeyGate | None = None,
     ):
         self.switcher = switcher
         self.metrics = metrics if metrics is not None else Metrics()
+        #: the API key check; its store stays empty (open) until the daemon loads keys
+        self.keys = keys if keys is not None else KeyGate()
+        #: the switcher takes a request's priority (from its key) where it can
+        self._acquire_takes_priority = "priority" in inspect.signature(switcher.acquire).parameters
         self.reload(config)
         self.upstream = upstream or Upstream(
             read_timeout=self.request_timeout, write_timeout=self.request_timeout
@@ -82,6 +90,7 @@ class FrontEnd:
     def make_app(self) -> web.Application:
         # client_max_size is a backstop: bodies are read by read_body, never by request.read()
         app = web.Application(client_max_size=self.max_body)
+        self.keys.install(app)
         app.router.add_get("/v1/models", self.list_models)
         app.router.add_get("/v1/models/{model:.+}", self.get_model)
         app.router.add_get("/health", self.health)
@@ -112,6 +121,10 @@ class FrontEnd:
     def model_names(self) -> list[str]:
         return list(self.config.models)
 
+    def visible_models(self, key: Any) -> list[str]:
+        """The models a request with `key` may know of (all without keys)."""
+        return self.model_names if key is None else key.allowed(self.config.models)
+
     # -- inference ------------------------------------------------------------
 
     async def expect(self, request: web.Request) -> web.StreamResponse | None:
@@ -126,28 +139,36 @@ class FrontEnd:
     async def infer(self, request: web.Request) -> web.StreamResponse:
         started = self.clock()
         model = NO_MODEL
+        key = ticket = None
         status = 500
         wait = 0.0
         try:
+            key = self.keys.check(request)  # 401 before the body is read
             body = await read_body(request, self.max_body, self.body_timeout)
             name = model_from(body, request.headers.get(MODEL_HEADER))
-            if name not in self.config.models:
-                raise UnknownModel(name, self.model_names)
+            if name not in self.config.models or (key is not None and not key.allows(name)):
+                raise ModelNotFound(name, self.visible_models(key))
             model = name
+            ticket = self.keys.admit(key)  # 429 under the key's limits
             waited_from = self.clock()
             try:
-                lease = await self.switcher.acquire(model, timeout=self.request_timeout)
+                if key is not None and self._acquire_takes_priority:
+                    lease = await self.switcher.acquire(model, timeout=self.request_timeout, priority=key.priority)
+                else:
+                    lease = await self.switcher.acquire(model, timeout=self.request_timeout)
             finally:
                 wait = self.clock() - waited_from
             try:
                 self.metrics.observe_queue_wait(model, wait)
-                response = await self.upstream.forward(request, model, lease.endpoint, body)
+                # llmux's key is not the backend's: it stays here, out of backend logs
+                drop = KEY_HEADERS if key is not None else ()
+                response = await self.upstream.forward(request, model, lease.endpoint, body, drop)
             finally:
                 lease.release()
             status = response.status
             return response
         except LLMuxError as exc:
-            response = self._fail(exc, model)
+            response = self._fail(exc, model, key)
             status = response.status
             return response
         except asyncio.CancelledError:
@@ -155,15 +176,18 @@ class FrontEnd:
             raise
         except Exception:  # noqa: BLE001 - a bug must still answer in the envelope
             log.exception("unexpected error serving %s %s", request.method, request.path)
-            response = self._fail(LLMuxError("internal error in llmux; see the daemon log"), model)
+            response = self._fail(LLMuxError("internal error in llmux; see the daemon log"), model, key)
             status = response.status
             return response
         finally:
+            if ticket is not None:
+                ticket.release()
             duration = self.clock() - started
-            self.metrics.observe_request(model, status, duration, wait > WAITED_THRESHOLD_S)
+            self.metrics.observe_request(model, status, duration, wait > WAITED_THRESHOLD_S,
+                                         key=key.id if key is not None else NO_KEY)
             self.console.request_served(request, model, status, wait, started, duration)
 
-    def _fail(self, exc: LLMuxError, model: str) -> web.Response:
+    def _fail(self, exc: LLMuxError, model: str, key: Any = None) -> web.Response:
         """The one mapping from llmux errors to responses."""
         retry_after = None
         if exc.retry_after is None and model != NO_MODEL and exc.http_status in (429, 503, 504):
@@ -171,9 +195,11 @@ class FrontEnd:
                 retry_after = float(self.switcher.wait_estimate(model))
             except Exception:  # noqa: BLE001 - an estimate is optional
                 retry_after = None
-        if exc.http_status >= 500:
-            log.warning("%s -> %d: %s", model or "-", exc.http_status, exc)
-        return error_response(exc, retry_after=retry_after)
+        if exc.http_status >= 500:  # the key's id in the journal (LLMUX_KEY=), never its secret
+            fields = {"LLMUX_MODEL": model or None, "LLMUX_KEY": key.id if key is not None else None}
+            log.warning("%s -> %d: %s", model or "-", exc.http_status, exc,
+                        extra={FIELDS_ATTR: {k: v for k, v in fields.items() if v}})
+        return error_response(exc, retry_after=retry_after, headers=refusal_headers(exc))
 
     # -- model list, health, metrics -----------------------------------------
 
@@ -210,14 +236,22 @@ class FrontEnd:
         }
 
     async def list_models(self, request: web.Request) -> web.Response:
+        try:
+            key = self.keys.check(request)
+        except LLMuxError as exc:
+            return self._fail(exc, NO_MODEL)
         status = self._status()
-        data = [self._model_entry(name, status) for name in self.model_names]
+        data = [self._model_entry(name, status) for name in self.visible_models(key)]
         return web.json_response({"object": "list", "data": data})
 
     async def get_model(self, request: web.Request) -> web.Response:
         name = request.match_info["model"]
-        if name not in self.config.models:
-            return error_response(UnknownModel(name, self.model_names))
+        try:
+            key = self.keys.check(request)
+        except LLMuxError as exc:
+            return self._fail(exc, NO_MODEL)
+        if name not in self.config.models or (key is not None and not key.allows(name)):
+            return error_response(ModelNotFound(name, self.visible_models(key)))
         return web.json_response(self._model_entry(name, self._status()))
 
     async def health(self, request: web.Request) -> web.Response:

@@ -32,6 +32,19 @@ class BadRequest(LLMuxError):
         self.param = param
 
 
+class ModelNotFound(UnknownModel):
+    """404 for a model that is not served, or that the request's key may not use:
+    one answer for both (OpenAI's), so a key cannot probe what else is served.
+    `known` are the models the caller may use."""
+
+    openai_code = "model_not_found"
+
+    def __init__(self, model: str, known: "list[str] | tuple[str, ...]" = ()):
+        super().__init__(model, known)
+        known_s = ", ".join(sorted(known)) or "none"
+        self.message = f"model '{model}' does not exist or you do not have access to it; known models: {known_s}"
+
+
 class RouteNotFound(LLMuxError):
     http_status = 404
     openai_type = "invalid_request_error"
@@ -86,7 +99,7 @@ def error_body(exc: LLMuxError) -> dict:
             "message": str(exc),
             "type": getattr(exc, "openai_type", "server_error"),
             "param": param,
-            "code": exc.http_status,
+            "code": getattr(exc, "openai_code", None) or exc.http_status,
         }
     }
 
@@ -98,10 +111,11 @@ def retry_after_header(seconds: float | None) -> dict[str, str]:
     return {"Retry-After": str(max(1, math.ceil(seconds)))}
 
 
-def error_response(exc: LLMuxError, retry_after: float | None = None) -> web.Response:
-    """The response for `exc`. `retry_after` fills in when the error has none."""
+def error_response(exc: LLMuxError, retry_after: float | None = None,
+                   headers: "dict[str, str] | None" = None) -> web.Response:
+    """The response for `exc` (with `headers`). `retry_after` fills in when the error has none."""
     status = int(getattr(exc, "http_status", 500) or 500)
-    headers: dict[str, str] = {}
+    headers = dict(headers or {})
     if status in RETRYABLE:
         ra = exc.retry_after if exc.retry_after is not None else retry_after
         headers.update(retry_after_header(ra))

@@ -99,12 +99,13 @@ class Upstream:
         return self._session
 
     async def forward(
-        self, request: web.BaseRequest, model: str, endpoint: str, body: bytes
+        self, request: web.BaseRequest, model: str, endpoint: str, body: bytes,
+        drop: tuple[str, ...] = (),
     ) -> web.StreamResponse:
-        """Send `request` (with the already-read `body`) to `endpoint` and
-        relay the answer. Raises UpstreamFailed only before anything was
-        sent to the client."""
-        headers = end_to_end(request.headers)
+        """Send `request` (with the already-read `body`, without the headers
+        named in `drop`) to `endpoint` and relay the answer. Raises
+        UpstreamFailed only before anything was sent to the client."""
+        headers = end_to_end(request.headers, drop)
         url = endpoint.rstrip("/") + request.raw_path
         try:
             upstream = await self.session.request(
@@ -207,10 +208,10 @@ class Upstream:
         return response
 
 
-def end_to_end(headers: "CIMultiDictProxy[str] | CIMultiDict[str]") -> "CIMultiDict[str]":
-    """A copy of `headers` without the hop-by-hop ones, names and order as received."""
+def end_to_end(headers: "CIMultiDictProxy[str] | CIMultiDict[str]", drop: tuple[str, ...] = ()) -> "CIMultiDict[str]":
+    """A copy of `headers` without the hop-by-hop ones (and `drop`), names and order as received."""
     copy = headers.copy()
-    for name in HOP_BY_HOP:
+    for name in HOP_BY_HOP + drop:
         if name in copy:
             del copy[name]
     return copy

@@ -100,7 +100,7 @@ def test_bad_bodies_get_openai_errors(daemon, raw, status, words):
 def test_bad_inputs_leave_the_daemon_serving(daemon):
     still_serving(daemon)
     text = daemon.metrics()
-    assert 'llmux_requests_total{model="",status="400",' in text, "bad requests are counted, unlabelled"
+    assert 'llmux_requests_total{key="",model="",status="400",' in text, "bad requests are counted, unlabelled"
 
 
 def test_50_mb_body_is_413_before_it_is_read(daemon):

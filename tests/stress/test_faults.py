@@ -91,7 +91,7 @@ def failed_switches(daemon: Daemon, to: str) -> float:
 
 
 def requests_with(daemon: Daemon, model: str, status: int) -> float:
-    return metric_sum(daemon.metrics(), 'llmux_requests_total{model="%s",status="%d",' % (model, status))
+    return metric_sum(daemon.metrics(), 'llmux_requests_total{key="",model="%s",status="%d",' % (model, status))
 
 
 def wait_log(daemon: Daemon, pattern: str, since: int = 0, timeout: float = 60.0) -> str:

@@ -31,6 +31,7 @@ from aiohttp import web
 
 from llmuxd.errors import LLMuxError
 from llmuxd.events import RequestServed
+from llmuxd.http.auth import API_KEY, KEY_STORE, refusal_headers
 from llmuxd.http.console.hub import EventHub, Reader
 from llmuxd.http.proxy import FIRST_BYTE_AT
 
@@ -41,8 +42,10 @@ PAGE_PATH = "/llmux/console"
 ASSETS_PATH = "/llmux/console/static"
 EVENTS_PATH = "/llmux/v1/events"
 CONTROL_PATH = "/llmux/v1/control"
+#: public: whether the stream needs a key, so the page asks for one before opening it
+ABOUT_PATH = "/llmux/v1/console"
 #: what a key needs to be created with for the controls to work
-HOW_TO_CONTROL = "run `llmuxctl keys add NAME --control` as root and enter that key in the console"
+HOW_TO_CONTROL = "run `llmuxctl keys add NAME --control` as root and enter that key in the console."
 
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
        "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
@@ -76,28 +79,37 @@ class BadControl(LLMuxError):
     openai_type = "invalid_request_error"
 
 
+def _key(request: web.Request) -> Any:
+    """The request's checked key (None when no keys are configured); InvalidApiKey
+    (401) for a missing or wrong one when they are (`llmuxd.http.auth`)."""
+    from llmuxd.http.auth import authenticate
+
+    if request.app.get(KEY_STORE) is None:
+        return None
+    return authenticate(request)
+
+
 def control_access(request: web.Request) -> Tuple[bool, str]:
     """The one gate of the console's controls: (allowed, why, in words for the page).
 
     Only a key created with control rights (`llmuxctl keys add NAME --control`,
     root only) may switch, pin, sleep or set evictions; without keys configured
-    the console is read-only, so it never widens what polkit allows on the bus."""
-    store = request.app.get("llmux.keys")
+    the console is read-only, so it never widens what polkit allows on the bus.
+    A wrong key raises InvalidApiKey (401), as on every other route."""
+    store = request.app.get(KEY_STORE)
     if store is None or not getattr(store, "configured", False):
-        return False, f"read-only: no API keys are configured. To enable controls, {HOW_TO_CONTROL}."
-    key = request.get("llmux.api_key")
-    if key is None:
-        return False, f"controls need an API key with control rights: {HOW_TO_CONTROL}."
-    if not getattr(key, "control", False):
-        return False, (f"key '{getattr(key, 'id', '?')}' has no control rights; "
-                       f"{HOW_TO_CONTROL}.")
-    return True, f"key '{getattr(key, 'id', '?')}' may use the controls"
+        return False, f"read-only: no API keys are configured. To enable controls, {HOW_TO_CONTROL}"
+    key = _key(request)
+    if key is None or not getattr(key, "control", False):
+        return False, (f"key '{getattr(key, 'id', '?')}' has no control rights. To use the controls, "
+                       f"{HOW_TO_CONTROL}")
+    return True, f"key '{key.id}' may use the controls"
 
 
 def access_info(request: web.Request) -> Dict[str, Any]:
     allowed, why = control_access(request)
-    store = request.app.get("llmux.keys")
-    key = request.get("llmux.api_key")
+    store = request.app.get(KEY_STORE)
+    key = request.get(API_KEY)
     return {"control": allowed, "why": why, "keys_configured": bool(getattr(store, "configured", False)),
             "key_id": getattr(key, "id", None)}
 
@@ -133,7 +145,7 @@ class Console:
         """The one place a request summary enters the stream (called by the front end).
         `started` is the front end's clock at arrival; the time to first byte is
         the proxy's mark (`FIRST_BYTE_AT`), when there is one."""
-        key = request.get("llmux.api_key")
+        key = request.get(API_KEY)
         mark = request.get(FIRST_BYTE_AT)
         first_byte = mark - started if mark is not None and 0 <= mark - started <= duration else None
         self.hub.on_event(RequestServed(
@@ -170,6 +182,12 @@ class Console:
         app.router.add_get(ASSETS_PATH + "/{name}", self.asset)
         app.router.add_get(EVENTS_PATH, self.events)
         app.router.add_post(CONTROL_PATH, self.control)
+        app.router.add_get(ABOUT_PATH, self.about)
+
+    async def about(self, request: web.Request) -> web.Response:
+        store = request.app.get(KEY_STORE)
+        return web.json_response({"keys_configured": bool(getattr(store, "configured", False)),
+                                  "events": EVENTS_PATH, "control": CONTROL_PATH})
 
     async def page(self, request: web.Request) -> web.StreamResponse:
         return web.FileResponse(STATIC / "index.html", headers={**PAGE_HEADERS, "Content-Type": CONTENT_TYPES[".html"]})
@@ -182,6 +200,12 @@ class Console:
         return web.FileResponse(path, headers={**PAGE_HEADERS, "Content-Type": CONTENT_TYPES[path.suffix]})
 
     async def events(self, request: web.Request) -> web.StreamResponse:
+        from llmuxd.http.errors import error_response
+
+        try:  # with keys configured, reading needs one (any key): logs and key ids are not public
+            _key(request)
+        except LLMuxError as exc:
+            return error_response(exc, headers=refusal_headers(exc))
         last_id = request.headers.get("Last-Event-ID") or request.query.get("last_event_id")
         response = web.StreamResponse(headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
@@ -220,7 +244,10 @@ class Console:
     async def control(self, request: web.Request) -> web.Response:
         from llmuxd.http.errors import error_response
 
-        allowed, why = control_access(request)
+        try:
+            allowed, why = control_access(request)
+        except LLMuxError as exc:  # a wrong or missing key: 401, as everywhere
+            return error_response(exc, headers=refusal_headers(exc))
         if not allowed:
             return error_response(Forbidden(why))
         try:
@@ -234,7 +261,7 @@ class Console:
         if action != "unpin" and (not isinstance(model, str) or model not in self.frontend.config.models):
             from llmuxd.errors import UnknownModel
             return error_response(UnknownModel(str(model), self.frontend.model_names))
-        key = request.get("llmux.api_key")
+        key = request.get(API_KEY)
         log.info("console: %s %s by key '%s'", action, model or "", getattr(key, "id", "?"))
         try:
             if action == "switch":

@@ -5,6 +5,7 @@
 
 const EVENTS = "/llmux/v1/events";
 const CONTROL = "/llmux/v1/control";
+const ABOUT = "/llmux/v1/console";
 const CHAT = "/v1/chat/completions";
 const KEY_STORE = "llmux.console.key";
 const LOG_LINES_SHOWN = 2000;
@@ -442,6 +443,23 @@ function init() {
   $("play-form").addEventListener("submit", play);
   $("play-stop").addEventListener("click", () => playAbort && playAbort.abort());
   $("log-filter").addEventListener("change", () => drawLogs());
+  start();
+}
+
+// With keys configured the stream needs one: ask for it first instead of failing with a 401.
+async function start() {
+  try {
+    const resp = await fetch(ABOUT, { cache: "no-store" });
+    const about = await resp.json();
+    if (about.keys_configured && !S.key) {
+      setConn("key needed", "bad");
+      $("access").textContent = "This llmux requires an API key: enter one above (any key reads; " +
+        "a key made with `llmuxctl keys add NAME --control` may also use the controls).";
+      $("models-empty").textContent = "Enter an API key to see the models.";
+      $("key-input").focus();
+      return;
+    }
+  } catch (err) { /* the stream's own retries say what is wrong */ }
   follow();
 }
 
