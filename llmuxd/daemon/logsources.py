@@ -5,7 +5,7 @@
   subprocess runtime forwards each line with the model attached); the daemon's
   own INFO+ lines come with it.
 - System mode: `JournalFollower`, `journalctl --follow -o json` on the models'
-  units and llmuxd.service — the journal by unit, never files.
+  units (llmux.slice) and llmuxd.service — the journal by unit, never files.
 
 Both keep a bounded buffer per model (plus one for the daemon's lines), so a
 console that connects sees the recent past, and hand every new line to one
@@ -24,7 +24,7 @@ import time
 from typing import Callable, Deque, Dict, Iterable, List, Optional, Protocol
 
 from llmuxd.events import LogLine
-from llmuxd.names import JOURNAL_MODEL_FIELD, UNIT_PATTERN, model_from_unit
+from llmuxd.names import JOURNAL_MODEL_FIELD, SLICE, model_from_unit
 
 log = logging.getLogger(__name__)
 
@@ -168,8 +168,9 @@ def line_from_journal(entry: dict, daemon_unit: str) -> Optional[LogLine]:
 class JournalFollower(_Buffers):
     """System mode: the models' units and llmuxd's own unit, read from the journal.
 
-    Runs `journalctl --follow -o json -n LINES -u llmux-model-*.service -u
-    llmuxd.service` and keeps it running (restarted after a pause if it exits).
+    Runs `journalctl --follow -o json -n LINES _SYSTEMD_SLICE=llmux.slice +
+    _SYSTEMD_UNIT=llmuxd.service` and keeps it running (restarted after a pause
+    if it exits, from the last entry's cursor).
     Where journalctl is missing, the console says logs are unavailable."""
 
     RESTART_AFTER = 5.0
@@ -188,8 +189,10 @@ class JournalFollower(_Buffers):
 
     def argv(self) -> List[str]:
         start = f"--after-cursor={self._cursor}" if self._cursor else f"--lines={self._per_model}"
-        return [str(self.journalctl), "--follow", "--output=json", start, "--no-pager",
-                f"--unit={UNIT_PATTERN}", f"--unit={self.daemon_unit}", *self._extra]
+        # matches, not --unit=GLOB: journalctl expands a glob once, against the units
+        # already in the journal, so a model started later would never be followed
+        return [str(self.journalctl), "--follow", "--output=json", start, "--no-pager", *self._extra,
+                f"_SYSTEMD_SLICE={SLICE}", "+", f"_SYSTEMD_UNIT={self.daemon_unit}"]
 
     async def start(self) -> None:
         if self.journalctl and self._task is None:
