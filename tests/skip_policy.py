@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 #: markers whose tests may not skip as root or under CI
-STRICT_MARKERS = ("systemd", "criu", "polkit", "package", "real_vllm", "s3", "fleet")
+STRICT_MARKERS = ("systemd", "criu", "polkit", "package", "real_vllm", "s3", "fleet", "browser")
 OTHER = "other"
 _COUNTS = pytest.StashKey[dict]()
 

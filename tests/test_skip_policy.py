@@ -58,6 +58,10 @@ def test_s3_skip():
 def test_fleet_skip():
     pytest.skip("no LiteLLM venv")
 
+@pytest.mark.browser
+def test_browser_skip():
+    pytest.skip("chromium is missing")
+
 def test_unmarked_skip():
     pytest.skip("an ordinary skip")
 
@@ -79,8 +83,9 @@ MARKED_SKIPS = {
     "test_real_vllm_skipif": "no real vLLM cache",
     "test_s3_skip": "moto_server is missing",
     "test_fleet_skip": "no LiteLLM venv",
+    "test_browser_skip": "chromium is missing",
 }
-COUNT_LINE = "skipped per marker: systemd 2, criu 1, polkit 1, package 1, real_vllm 1, s3 1, fleet 1, other 1"
+COUNT_LINE = "skipped per marker: systemd 2, criu 1, polkit 1, package 1, real_vllm 1, s3 1, fleet 1, browser 1, other 1"
 
 
 def run_sample(*, user: int | None, ci: str | None) -> dict:
