@@ -426,6 +426,7 @@ async function play(ev) {
 }
 
 function init() {
+  $("origin").textContent = location.origin;
   $("key-input").value = S.key ? "********" : "";
   $("key-form").addEventListener("submit", (ev) => {
     ev.preventDefault();
