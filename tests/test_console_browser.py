@@ -177,18 +177,13 @@ def test_the_page_loads_clean_and_shows_the_models_of_v1_models(browser, daemon,
         assert shown == [m["id"] for m in listed]
         for m in listed:
             assert page.state_on_page(m["id"]) == m["llmux"]["state"]
-        out = shots_dir(tmp_path)
-        page.page.screenshot(path=str(out / "console-1280.png"), full_page=True)
-        page.page.set_viewport_size({"width": PHONE[0], "height": PHONE[1]})
-        page.page.screenshot(path=str(out / "console-phone.png"), full_page=True)
-        assert (out / "console-1280.png").stat().st_size > 0 and (out / "console-phone.png").stat().st_size > 0
         assert page.errors == []
         assert page.foreign == []
     finally:
         page.close()
 
 
-def test_a_playground_message_to_a_sleeping_model_streams_and_its_switch_shows(browser, daemon):
+def test_a_playground_message_to_a_sleeping_model_streams_and_its_switch_shows(browser, daemon, tmp_path):
     assert states(daemon)["beta"] == "asleep"
     page = Page(browser, daemon.base)
     try:
@@ -205,6 +200,12 @@ def test_a_playground_message_to_a_sleeping_model_streams_and_its_switch_shows(b
         # and the request it was: in the requests table, with the key's id
         page.page.wait_for_selector("#requests tbody tr", timeout=SHOWS_WITHIN_MS)
         assert "viewer" in page.page.inner_text("#requests tbody tr:first-child")
+        # the page with a switch, its logs and a request in it, at both widths (the README's picture)
+        out = shots_dir(tmp_path)
+        page.page.screenshot(path=str(out / "console-1280.png"), full_page=True)
+        page.page.set_viewport_size({"width": PHONE[0], "height": PHONE[1]})
+        page.page.screenshot(path=str(out / "console-phone.png"), full_page=True)
+        assert (out / "console-1280.png").stat().st_size > 0 and (out / "console-phone.png").stat().st_size > 0
         assert page.errors == []
     finally:
         page.close()

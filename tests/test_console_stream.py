@@ -272,3 +272,11 @@ def test_a_stopping_daemon_ends_the_stream_with_bye(tmp_path):
         assert proc.stop() == 0
     got = frames(reader.communicate()[0])
     assert got[-1]["event"] == "bye" and "stopping" in got[-1]["data"]["reason"]
+
+
+async def test_a_reader_connecting_while_llmuxd_stops_is_not_kept():
+    h = hub()
+    h.close()
+    late = h.connect(None)
+    assert late.closed and h.readers == 0
+    assert [f["event"] for f in frames(b"".join(late.take()))] == ["snapshot"]

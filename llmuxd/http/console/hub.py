@@ -44,7 +44,7 @@ SNAPSHOT_LOG_LINES = 600
 #: and in-flight counts change without an event of their own)
 STATUS_EVERY = 1.0
 #: seconds a burst of changes is coalesced into one status frame
-STATUS_COALESCE = 0.1
+STATUS_COALESCE = 0.25
 
 
 def _dumps(data: Any) -> str:
@@ -203,6 +203,9 @@ class EventHub:
         for frame in self._first_frames(last_event_id, extra):
             reader.frames.append(frame)
         reader.wake.set()
+        if self.closed:  # llmuxd is stopping: this reader gets its frames, then `bye`
+            reader.closed = True
+            return reader
         self._readers.append(reader)
         if self._ticker is None or self._ticker.done():
             self._ticker = asyncio.ensure_future(self._tick())
