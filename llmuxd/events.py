@@ -1,7 +1,7 @@
 """What happened on the host: the switcher's events (bus signals, metrics, logs)
 and, for the console's stream, requests served and log lines.
 
-Plain frozen dataclasses, delivered synchronously by `Switcher.subscribe`
+Plain frozen dataclasses (the two made per request or per line: NamedTuples), delivered synchronously by `Switcher.subscribe`
 listeners: an observer sees every change in order, and needs no event loop of
 its own. A listener that raises is logged and ignored, so a faulty observer
 can never stall a switch.
@@ -10,7 +10,7 @@ can never stall a switch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Union
+from typing import Dict, NamedTuple, Optional, Union
 
 
 @dataclass(frozen=True)
@@ -68,11 +68,11 @@ class ModeChanged:
     pinned: Optional[str]
 
 
-@dataclass(frozen=True)
-class RequestServed:
+class RequestServed(NamedTuple):
     """One proxied request ended (the front end emits it from one place, after the
     answer or the error). Times in seconds; `first_byte` is None when nothing came
-    from a backend (an error llmux answered itself)."""
+    from a backend (an error llmux answered itself). A NamedTuple, not a frozen
+    dataclass: one is made per request, and that costs a fifth as much."""
 
     at: float  # wall clock (time.time()) when it arrived
     model: str
@@ -84,8 +84,7 @@ class RequestServed:
     key_id: Optional[str] = None
 
 
-@dataclass(frozen=True)
-class LogLine:
+class LogLine(NamedTuple):
     """One line a backend printed (`model` set, source "backend") or one of the
     daemon's own log lines (source "llmuxd", `model` when it is about one)."""
 

@@ -195,11 +195,11 @@ def test_curl_follows_a_switch_and_a_request_and_resumes_without_duplicates(daem
     got = frames(raw)
     kinds = [f["event"] for f in got]
     assert kinds[0] == "snapshot"
-    assert {"switch_started", "switch_finished", "request", "log", "status"} <= set(kinds), kinds
+    assert {"switch_started", "switch_finished", "requests", "log", "status"} <= set(kinds), kinds
     finished = next(f["data"] for f in got if f["event"] == "switch_finished")
     assert finished["to_model"] == "a" and finished["ok"] and "wake" in finished["phases"]
     assert finished["reason"].startswith("fifo:")
-    request = next(f["data"] for f in got if f["event"] == "request")
+    (request,) = next(f["data"] for f in got if f["event"] == "requests")
     assert (request["model"], request["status"], request["path"]) == ("a", 200, "/v1/chat/completions")
     assert 0 <= request["first_byte"] <= request["duration"] and request["waited"] > 0
 
@@ -254,6 +254,7 @@ def test_a_stalled_reader_never_holds_up_requests(daemon):
         reader = curl_events(daemon.base, 30)
         for model in ("b", "a", "b"):  # switches, log lines, requests, while one reader stalls
             assert chat(daemon.base, model) == 200
+        time.sleep(1.5)  # the stream writes every 0.25 s: let the last batch go out
         reader.terminate()
         kinds = [f["event"] for f in frames(reader.communicate()[0])]
         assert kinds.count("switch_finished") >= 3
@@ -280,3 +281,21 @@ async def test_a_reader_connecting_while_llmuxd_stops_is_not_kept():
     late = h.connect(None)
     assert late.closed and h.readers == 0
     assert [f["event"] for f in frames(b"".join(late.take()))] == ["snapshot"]
+
+
+async def test_request_summaries_come_gathered_and_a_snapshot_never_repeats_them():
+    from llmuxd.events import RequestServed
+
+    h = hub()
+    early = h.connect(None)
+    early.take()
+    for i in range(3):
+        h.on_event(RequestServed(float(i), "a", "/v1/completions", 200, 0.0, 0.01, 0.02))
+    assert early.frames == type(early.frames)()  # nothing encoded on the request path yet
+    late = frames(b"".join(h.connect(None).take()))  # a new reader: the snapshot has them
+    assert [r["at"] for r in late[0]["data"]["requests"]] == [0.0, 1.0, 2.0]
+    got = frames(b"".join(early.take()))  # the earlier reader: one frame with all three
+    assert [f["event"] for f in got] == ["requests"]
+    assert [r["at"] for r in got[0]["data"]] == [0.0, 1.0, 2.0]
+    assert int(late[0]["id"].split(":")[1]) == int(got[0]["id"].split(":")[1])  # resuming from it skips them
+    h.close()

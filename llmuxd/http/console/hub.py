@@ -4,7 +4,8 @@ It reads what already happens — the switcher's events (`Switcher.subscribe`),
 the front end's one request summary per request, the log sources' lines — and
 numbers each as an SSE frame, encoded once. It holds no state of its own
 beyond bounded histories of that stream (the last switches, requests and
-frames, for readers that connect or resume); the models' state always comes
+frames, for readers that connect or resume, and request summaries gathered for
+a quarter second into one frame); the models' state always comes
 from `Switcher.status()` through `status_fn`.
 
 The request path never waits on a reader: `publish` appends a frame to each
@@ -43,6 +44,9 @@ SNAPSHOT_LOG_LINES = 600
 #: seconds between looks at the switcher's status while someone reads (queue depth
 #: and in-flight counts change without an event of their own)
 STATUS_EVERY = 1.0
+#: seconds request summaries are gathered into one `requests` frame (one per request
+#: would cost the request path a JSON encoding and a frame each)
+REQUESTS_EVERY = 0.25
 #: seconds a burst of changes is coalesced into one status frame
 STATUS_COALESCE = 0.25
 
@@ -61,10 +65,8 @@ def wire(event: Any) -> Tuple[str, Dict[str, Any]]:
         return "state", dict(vars(event))
     if isinstance(event, ModeChanged):
         return "mode", dict(vars(event))
-    if isinstance(event, RequestServed):
-        return "request", dict(vars(event))
     if isinstance(event, LogLine):
-        return "log", dict(vars(event))
+        return "log", event._asdict()
     raise TypeError(f"not a host event: {event!r}")
 
 
@@ -115,6 +117,8 @@ class EventHub:
         self.requests: Deque[Dict[str, Any]] = collections.deque(maxlen=REQUESTS_KEPT)
         self._last_status = ""
         self._status_handle: Optional[asyncio.Handle] = None
+        self._served: List[RequestServed] = []
+        self._served_handle: Optional[asyncio.Handle] = None
         self._ticker: Optional[asyncio.Task] = None
         self.closed = False
 
@@ -122,14 +126,21 @@ class EventHub:
 
     def on_event(self, event: Any) -> None:
         """Listener for `Switcher.subscribe`, the front end's request summaries and log lines."""
+        if type(event) is RequestServed:  # the request path: gather, encode later in one frame
+            self._served.append(event)
+            if self._served_handle is None:
+                try:
+                    self._served_handle = asyncio.get_running_loop().call_later(
+                        REQUESTS_EVERY, self.flush_requests)
+                except RuntimeError:  # no loop (a plain call): at once
+                    self.flush_requests()
+            return
         kind, data = wire(event)
         if kind == "switch_started":
             self.running[data["group"]] = data
         elif kind == "switch_finished":
             self.running.pop(data["group"], None)
             self.switches.append(data)
-        elif kind == "request":
-            self.requests.append(data)
         if kind != "log":
             self.status_soon()
         self.publish(kind, data)
@@ -140,6 +151,17 @@ class EventHub:
         self._ring.append((self.seq, frame))
         for reader in self._readers:
             reader.offer(frame)
+
+    def flush_requests(self) -> None:
+        """The gathered request summaries as one `requests` frame (a list, oldest first)."""
+        self._served_handle = None
+        served, self._served = self._served, []
+        if not served:
+            return
+        data = [r._asdict() for r in served]
+        self.requests.extend(data)
+        self.publish("requests", data)
+        self.status_soon()
 
     def status_soon(self) -> None:
         """A status frame shortly (changes in one burst make one frame)."""
@@ -176,9 +198,10 @@ class EventHub:
             status = self.status_fn()
         except Exception as exc:  # noqa: BLE001
             status = {"error": f"status unavailable: {exc}"}
+        self.flush_requests()  # what the snapshot shows is not sent again
         logs = []
         if self.logs is not None:
-            logs = [dict(vars(line)) for line in self.logs.recent()[-SNAPSHOT_LOG_LINES:]]
+            logs = [line._asdict() for line in self.logs.recent()[-SNAPSHOT_LOG_LINES:]]
         return {
             "epoch": self.epoch, "seq": self.seq, "status": status,
             "switches": list(self.switches), "running": list(self.running.values()),
@@ -189,8 +212,8 @@ class EventHub:
         }
 
     def snapshot_frame(self, extra: Optional[Dict[str, Any]] = None) -> bytes:
-        return (f"id: {self.epoch}:{self.seq}\nevent: snapshot\n"
-                f"data: {_dumps(self.snapshot(extra))}\n\n").encode()
+        data = _dumps(self.snapshot(extra))  # first: it may publish gathered requests (seq moves)
+        return f"id: {self.epoch}:{self.seq}\nevent: snapshot\ndata: {data}\n\n".encode()
 
     def gap_frame(self, reason: str, missed: Optional[int]) -> bytes:
         return f"event: gap\ndata: {_dumps({'reason': reason, 'missed': missed})}\n\n".encode()
@@ -255,6 +278,9 @@ class EventHub:
         if self._status_handle is not None:
             self._status_handle.cancel()
             self._status_handle = None
+        if self._served_handle is not None:
+            self._served_handle.cancel()
+            self._served_handle = None
         if self._ticker is not None:
             self._ticker.cancel()
             self._ticker = None

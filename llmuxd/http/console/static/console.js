@@ -167,9 +167,9 @@ const HANDLERS = {
     if (S.switches.length > SWITCHES_SHOWN) S.switches.shift();
     drawSwitches();
   },
-  request(d) {
-    S.requests.push(d);
-    if (S.requests.length > REQUESTS_SHOWN) S.requests.shift();
+  requests(list) {
+    S.requests.push(...list);
+    if (S.requests.length > REQUESTS_SHOWN) S.requests.splice(0, S.requests.length - REQUESTS_SHOWN);
     drawRequests();
   },
   log(d) {
