@@ -94,7 +94,7 @@ async def measure(readers: int, args: argparse.Namespace) -> dict[str, float]:
              for _ in range(readers)]
     backend = logging.getLogger("llmuxd.backend")
     backend.setLevel(logging.INFO)
-    backend.propagate = False
+    logging.getLogger("llmuxd").propagate = False  # to the console's source, not to stderr
     try:
         while console.hub.readers < readers:
             await asyncio.sleep(0.05)
@@ -106,8 +106,11 @@ async def measure(readers: int, args: argparse.Namespace) -> dict[str, float]:
         without = await paced(args.lines, args.rate, log_line)
         await source.start()
         source.follow(console.hub.on_event)
+        seq = console.hub.seq
         with_source = await paced(args.lines, args.rate, log_line)
         await source.stop()
+        if console.hub.seq - seq < args.lines:  # a verdict must fail when it measured nothing
+            sys.exit(f"console_events: the hub saw {console.hub.seq - seq} of {args.lines} log lines")
 
         idle = await paced(args.switches, args.switch_rate, lambda i: None)
 
