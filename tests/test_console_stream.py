@@ -299,3 +299,29 @@ async def test_request_summaries_come_gathered_and_a_snapshot_never_repeats_them
     assert [r["at"] for r in got[0]["data"]] == [0.0, 1.0, 2.0]
     assert int(late[0]["id"].split(":")[1]) == int(got[0]["id"].split(":")[1])  # resuming from it skips them
     h.close()
+
+
+@pytest.mark.systemd
+def test_under_systemd_the_stream_carries_switches_and_the_backends_journal():
+    """System mode: the same stream, its log lines read from the journal by unit."""
+    from test_service import boot_from_tree
+
+    svc = boot_from_tree()
+    try:
+        svc.write_model("alpha")
+        svc.enable_now()
+        base = f"http://127.0.0.1:{svc.port}"
+        reader = curl_events(base, 60)
+        wait_until("the stream's reader", lambda: svc.models_listed())
+        time.sleep(1)
+        status, body = svc.request("alpha")
+        assert status == 200, body
+        time.sleep(2)  # the stream writes every 0.25 s; the journal follows within a moment
+        reader.terminate()
+        got = frames(reader.communicate()[0])
+        finished = [f["data"] for f in got if f["event"] == "switch_finished"]
+        assert finished and finished[0]["to_model"] == "alpha" and "wake" in finished[0]["phases"]
+        backend = [f["data"] for f in got if f["event"] == "log" and f["data"]["source"] == "backend"]
+        assert any(line["model"] == "alpha" and "llmux-sim" in line["text"] for line in backend), got[-5:]
+    finally:
+        svc.shut_down()
