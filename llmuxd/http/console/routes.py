@@ -5,7 +5,7 @@
   allows only this origin and no inline script or style.
 - `GET /llmux/v1/events` — server-sent events (`curl -N` works): a `snapshot`
   first, then `status`, `state`, `mode`, `switch_started`, `switch_finished`,
-  `request` and `log` events, each with an id `EPOCH:SEQ`; a reader that sends
+  `requests` (gathered per 0.25 s) and `log` events, each with an id `EPOCH:SEQ`; a reader that sends
   `Last-Event-ID` (header, or `?last_event_id=`) gets what it missed, or a
   `gap` event saying what was lost followed by a fresh `snapshot`.
 - `POST /llmux/v1/control` — `{"action": "switch"|"pin"|"unpin"|"sleep"|"eviction",
@@ -25,7 +25,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Tuple
 
 from aiohttp import web
 
