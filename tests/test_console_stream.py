@@ -325,3 +325,52 @@ def test_under_systemd_the_stream_carries_switches_and_the_backends_journal():
         assert any(line["model"] == "alpha" and "llmux-sim" in line["text"] for line in backend), got[-5:]
     finally:
         svc.shut_down()
+
+
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory):
+    """`llmuxd run` with a viewer key and a control key."""
+    from test_console_browser import add_key
+
+    tmp = tmp_path_factory.mktemp("keyed")
+    keys_dir = tmp / "keys.d"
+    keys_dir.mkdir()
+    config = write_config(tmp, {"a": sim_model("sim/a", tmp / "ledger", 1000)}, keys_dir=str(keys_dir))
+    secrets = {"viewer": add_key(keys_dir, "viewer"), "admin": add_key(keys_dir, "admin", "--control")}
+    proc = DaemonProcess(config, tmp / "llmuxd.log").wait_ready()
+    proc.secrets = secrets
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.mark.parametrize("key, body, status, says", [
+    ("sk-wrong", b'{"action": "sleep", "model": "a"}', 401, "Incorrect API key"),
+    (None, b'{"action": "sleep", "model": "a"}', 401, "API key"),
+    ("viewer", b'{"action": "sleep", "model": "a"}', 403, "no control rights"),
+    ("admin", b'{not json', 400, "must be JSON"),
+    ("admin", b'["sleep"]', 400, "action must be one of"),
+    ("admin", b'{"action": "reboot", "model": "a"}', 400, "action must be one of"),
+    ("admin", b'{"action": "switch", "model": "nope"}', 404, "does not exist"),
+    ("admin", b'{"action": "switch"}', 404, "does not exist"),
+    ("admin", b'{"action": "eviction", "model": "a", "eviction": "melt+freeze"}', 400, "melt"),
+])
+def test_bad_control_calls_get_an_openai_shaped_error_that_says_why(keyed, key, body, status, says):
+    secret = keyed.secrets.get(key, key)
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {secret}"} if secret else {})}
+    code, _, answer = http_json(keyed.base + "/llmux/v1/control", body, headers)
+    assert code == status and says in answer["error"]["message"], answer
+
+
+def test_a_control_key_sets_an_eviction_and_the_stream_needs_a_key(keyed):
+    admin = {"Authorization": f"Bearer {keyed.secrets['admin']}", "Content-Type": "application/json"}
+    code, _, answer = http_json(keyed.base + "/llmux/v1/control", json.dumps(
+        {"action": "eviction", "model": "a", "eviction": "discard+keep_running"}).encode(), admin)
+    assert code == 200, answer
+    models = http_json(keyed.base + "/v1/models", headers=admin)[2]["data"]
+    assert models[0]["llmux"]["eviction"] == "discard+keep_running"
+    anonymous = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10",
+                                keyed.base + "/llmux/v1/events"], capture_output=True, text=True).stdout
+    assert anonymous == "401"
+    assert http_json(keyed.base + "/llmux/v1/console")[2]["keys_configured"] is True
