@@ -11,6 +11,7 @@ and side by side in front of it, each in its own process:
   llmux-asyncio   `llmuxd run --event-loop asyncio`, one model whose command
                   is the same backend program (llmux starts it, as it would vLLM)
   llmux-uvloop    `llmuxd run --event-loop uvloop`
+  watched-*       the same with --consoles N readers of /llmux/v1/events   [--consoles]
   keyed-asyncio   with --keys: llmuxd as above with API keys configured
   keyed-uvloop    (KEYS_IN_STORE keys; every request of every target sends
                   one of them as `Authorization: Bearer`, which the others ignore)
@@ -257,6 +258,7 @@ def make_targets(args: argparse.Namespace, tools: dict[str, str], workdir: Path,
                                                      str(port), "--backend", backend, "--loop", loop]))
     checkouts = [("llmux", ROOT)] + ([("base", Path(args.baseline).resolve())] if args.baseline else [])
     checkouts += [("keyed", ROOT)] if args.keys else []
+    checkouts += [("watched", ROOT)] if args.consoles else []
     empty_keys_dir = workdir / "no-keys.d"
     empty_keys_dir.mkdir(exist_ok=True)
     for (prefix, checkout), loop in itertools.product(checkouts, ("asyncio", "uvloop")):
@@ -478,6 +480,8 @@ COMPARISONS = [
     ("this checkout / --baseline, uvloop", "llmux-uvloop", "base-uvloop"),
     ("--keys: a key on every request / no keys, asyncio loop", "keyed-asyncio", "llmux-asyncio"),
     ("--keys: a key on every request / no keys, uvloop", "keyed-uvloop", "llmux-uvloop"),
+    ("--consoles: N consoles following /llmux/v1/events / none, asyncio loop", "watched-asyncio", "llmux-asyncio"),
+    ("--consoles: N consoles following /llmux/v1/events / none, uvloop", "watched-uvloop", "llmux-uvloop"),
 ]
 
 
@@ -555,6 +559,9 @@ def main() -> int:
     parser.add_argument("--keys", action="store_true",
                         help=f"also measure llmuxd with API keys ({KEYS_IN_STORE} keys; keyed-asyncio, keyed-uvloop); "
                              "every request of every target then sends a key")
+    parser.add_argument("--consoles", type=int, default=0, metavar="N",
+                        help="also measure llmuxd with N console readers (`curl -N /llmux/v1/events`) "
+                             "following it throughout (watched-asyncio, watched-uvloop)")
     args = parser.parse_args()
     if args.keys:
         REQUEST_HEADERS["Authorization"] = f"Bearer {BENCH_SECRET}"
@@ -570,6 +577,7 @@ def main() -> int:
         f'wrk.headers["{name}"] = "{value}"' for name, value in REQUEST_HEADERS.items())))
 
     targets = make_targets(args, tools, workdir, free_port())
+    consoles: list[subprocess.Popen] = []
     try:
         for t in targets:
             t.start(workdir)
@@ -582,6 +590,9 @@ def main() -> int:
                 t.stop()
             else:
                 sys.exit(f"proxy_overhead: {t.name} did not come up; see {workdir / (t.name + '.log')}")
+        consoles += [subprocess.Popen(["curl", "-sN", *[a for k, v in REQUEST_HEADERS.items() for a in ("-H", f"{k}: {v}")],
+                                      "-o", "/dev/null", t.url + "/llmux/v1/events"], stdin=subprocess.DEVNULL)
+                     for t in ready if t.name.startswith("watched-") for _ in range(args.consoles)]
         per_round = len(ready) * (4 * args.duration + 0.5) + (15 if any(t.name == "litellm" for t in ready) else 0)
         say(f"measuring {', '.join(t.name for t in ready)}: {args.rounds} rounds, about "
             f"{per_round * args.rounds / 60:.1f} minutes")
@@ -594,6 +605,9 @@ def main() -> int:
                 results[name].append(row)
             say(f"round {n + 1}/{args.rounds} done")
     finally:
+        for reader in consoles:
+            reader.terminate()
+            reader.wait(10)
         for t in targets:
             t.stop()
     data = report(results, args)

@@ -1,6 +1,7 @@
-"""What the switcher tells its observers (bus signals, metrics, logs).
+"""What happened on the host: the switcher's events (bus signals, metrics, logs)
+and, for the console's stream, requests served and log lines.
 
-Plain frozen dataclasses, delivered synchronously by `Switcher.subscribe`
+Plain frozen dataclasses (the two made per request or per line: NamedTuples), delivered synchronously by `Switcher.subscribe`
 listeners: an observer sees every change in order, and needs no event loop of
 its own. A listener that raises is logged and ignored, so a faulty observer
 can never stall a switch.
@@ -9,7 +10,7 @@ can never stall a switch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Union
+from typing import Dict, NamedTuple, Optional, Union
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,9 @@ class SwitchStarted:
     group: str
     from_model: Optional[str]
     to_model: Optional[str]
+    #: why it runs: "POLICY: N request(s) waiting", "manual switch", "sleep requested",
+    #: "reload: no longer configured" (descriptive: not part of the event's equality)
+    reason: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,7 @@ class SwitchFinished:
     #: else why not ("budget: ...", "eviction: ...", "engine: ...", "off: ..."); None
     #: when there was nothing to overlap (no model to evict, or none to wake)
     overlap: Optional[str] = None
+    reason: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
@@ -89,4 +94,35 @@ class PreloadProgress:
     progress: str
 
 
+
+
+class RequestServed(NamedTuple):
+    """One proxied request ended (the front end emits it from one place, after the
+    answer or the error). Times in seconds; `first_byte` is None when nothing came
+    from a backend (an error llmux answered itself). A NamedTuple, not a frozen
+    dataclass: one is made per request, and that costs a fifth as much."""
+
+    at: float  # wall clock (time.time()) when it arrived
+    model: str
+    path: str
+    status: int
+    waited: float
+    first_byte: Optional[float]
+    duration: float
+    key_id: Optional[str] = None
+
+
+class LogLine(NamedTuple):
+    """One line a backend printed (`model` set, source "backend") or one of the
+    daemon's own log lines (source "llmuxd", `model` when it is about one)."""
+
+    at: float  # wall clock
+    source: str
+    model: Optional[str]
+    text: str
+    level: str = "info"
+
+
 SwitchEvent = Union[SwitchStarted, SwitchFinished, ModelStateChanged, ModeChanged, ModelIdle, PreloadProgress]
+#: everything the console's stream (`/llmux/v1/events`) carries
+HostEvent = Union[SwitchStarted, SwitchFinished, ModelStateChanged, ModeChanged, RequestServed, LogLine]

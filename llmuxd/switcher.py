@@ -405,25 +405,27 @@ class Switcher(Controls, SwitchPhases):
         return None
 
     async def _switch_job(self, g: GroupRuntime, m: ModelRuntime) -> None:
-        await self._switch(g, m)
+        await self._switch(g, m, reason=f"{self._policy.name}: {len(m.queue)} request(s) waiting")
 
     async def _run_op(self, g: GroupRuntime, op: Op) -> None:
         m = op.model
         try:
             if op.kind == "switch":
                 if m.state is not ModelState.ACTIVE:
-                    failure = await self._switch(g, m, forced=True)
+                    failure = await self._switch(g, m, forced=True, reason="manual switch")
                     if failure is not None:
                         raise failure
             elif op.kind == "sleep":
                 if m.awake:
-                    await self._switch(g, None, victims=[m], forced=True, eviction=op.eviction)
+                    await self._switch(g, None, victims=[m], forced=True, eviction=op.eviction,
+                                       reason="sleep requested")
             elif op.kind == "idle_sleep":  # llmuxd/switching/idle.py: only if still idle now
                 if self._idle.still_due(m):
-                    await self._switch(g, None, victims=[m], forced=True)
+                    await self._switch(g, None, victims=[m], forced=True, reason="idle timeout")
             elif op.kind == "remove":
                 if m.awake:
-                    await self._switch(g, None, victims=[m], forced=True, stop=True)
+                    await self._switch(g, None, victims=[m], forced=True, stop=True,
+                                       reason="reload: no longer configured")
                 else:  # asleep models may still have a process (sleeping, frozen): stop it
                     await self._stop_quietly(m.name)
             if not op.future.done():

@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 
 #: markers counted in the skip line, in its order
-STRICT_MARKERS = ("systemd", "criu", "polkit", "package", "real_vllm", "s3", "fleet", "llamacpp", "torch")
+STRICT_MARKERS = ("systemd", "criu", "polkit", "package", "real_vllm", "s3", "fleet", "llamacpp", "browser", "torch")
 OTHER = "other"
 _COUNTS = pytest.StashKey[dict]()
 #: the fixture that boots the test systemd (tests/sysd/fixtures.py)

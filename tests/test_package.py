@@ -131,6 +131,8 @@ def test_package_installs_units_policy_user_and_simulator(svc):
                  "/etc/llmux/llmux.yaml", "/etc/llmux/models.d",
                  "/usr/bin/llmuxd", "/usr/bin/llmux-vllm-sim", "/usr/bin/llmuxctl"]:
         assert path in files, path
+    for asset in ("index.html", "console.js", "console.css"):  # the console's page, shipped in the package
+        assert f"/usr/lib/python3/dist-packages/llmuxd/http/console/static/{asset}" in files, asset
     conffiles = Path(f"/var/lib/dpkg/info/{PACKAGE}.conffiles").read_text().split()
     assert "/etc/llmux/llmux.yaml" in conffiles
     assert subprocess.run(["getent", "passwd", "llmux"], capture_output=True).returncode == 0

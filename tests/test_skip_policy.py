@@ -64,6 +64,11 @@ def test_fleet_skip():
 def test_llamacpp_skip():
     pytest.skip("no llama.cpp test bed")
 
+
+@pytest.mark.browser
+def test_browser_skip():
+    pytest.skip("chromium is missing")
+
 def test_unmarked_skip():
     pytest.skip("an ordinary skip")
 
@@ -124,12 +129,13 @@ MARKED_SKIPS = {
     "test_s3_skip": "moto_server is missing",
     "test_fleet_skip": "no LiteLLM venv",
     "test_llamacpp_skip": "no llama.cpp test bed",
+    "test_browser_skip": "chromium is missing",
     "test_unmarked_skip": "an ordinary skip",
 }
 NOT_MARKED = "boots the test systemd but is not marked `systemd`"
 #: as an ordinary user the torch test skips too (counted under torch)
-COUNT_STRICT = "skipped per marker: systemd 2, criu 1, polkit 1, package 1, real_vllm 1, s3 1, fleet 1, llamacpp 1, torch 0, other 1"
-COUNT_USER = "skipped per marker: systemd 2, criu 1, polkit 1, package 1, real_vllm 1, s3 1, fleet 1, llamacpp 1, torch 1, other 1"
+COUNT_STRICT = "skipped per marker: systemd 2, criu 1, polkit 1, package 1, real_vllm 1, s3 1, fleet 1, llamacpp 1, browser 1, torch 0, other 1"
+COUNT_USER = "skipped per marker: systemd 2, criu 1, polkit 1, package 1, real_vllm 1, s3 1, fleet 1, llamacpp 1, browser 1, torch 1, other 1"
 
 
 def run_sample(*, user: int | None, ci: str | None, sample: str = SAMPLE) -> dict:

@@ -155,7 +155,9 @@ class DaemonCore:
         sockets: list[socket.socket] | None = None,
         switcher: Any = None,
         checkpoints: Any = None,
+        log_source: Any = None,
     ):
+        from llmuxd.daemon.logsources import CapturedOutput
         from llmuxd.switcher import Switcher  # late: keeps `llmuxd --help` light
 
         self.config = config
@@ -181,6 +183,8 @@ class DaemonCore:
         self._listen = listen or config.listen
         self._sockets = sockets
         self._unsubscribe: list[Callable[[], None]] = []
+        #: the console's log lines: captured backend output here, the journal in system mode
+        self.log_source = log_source if log_source is not None else CapturedOutput()
 
     @property
     def addresses(self) -> list[str]:
@@ -227,6 +231,8 @@ class DaemonCore:
         self._check_exposure()
         self._unsubscribe.append(self.switcher.subscribe(self.metrics.on_switch_event))
         self._unsubscribe.append(self.switcher.subscribe(_log_switch))
+        await self.log_source.start()
+        self.frontend.console.attach(self.switcher, self.log_source)
         await self.switcher.start()
         if getattr(self.config, "warmup", False):
             await self.warmup()
@@ -309,7 +315,9 @@ class DaemonCore:
         `shutdown_timeout`; see llmuxd/http/listen.py), then switching."""
         if self.metrics_http is not None:
             await self.metrics_http.stop()
+        self.frontend.console.detach()  # event streams end now rather than hold the drain
         await self.http.stop()
+        await self.log_source.stop()
         for unsubscribe in self._unsubscribe:
             unsubscribe()
         self._unsubscribe.clear()

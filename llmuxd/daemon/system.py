@@ -159,8 +159,10 @@ class SystemDaemon:
 
         sockets = self._activation_sockets(activation_sockets())
         self._say_which_address_serves(sockets)
+        from llmuxd.daemon.logsources import JournalFollower
+
         self.core = DaemonCore(self.config, self.orchestrator, sockets=sockets or None,
-                               checkpoints=self.checkpoints)
+                               checkpoints=self.checkpoints, log_source=JournalFollower())
         self.core.http.shutdown_timeout = SHUTDOWN_DRAIN
         switcher = self.core.switcher
         self._unsubscribe = switcher.subscribe(self._on_event)

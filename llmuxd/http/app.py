@@ -24,6 +24,7 @@ from llmuxd.daemon.journal import FIELDS_ATTR
 from llmuxd.errors import LLMuxError
 from llmuxd.http.auth import KEY_HEADERS, NO_KEY, KeyGate, refusal_headers
 from llmuxd.http.body import MODEL_HEADER, check_declared_length, model_from, read_body
+from llmuxd.http.console import Console
 from llmuxd.http.errors import ModelNotFound, RouteNotFound, error_response
 from llmuxd.http.fleet import model_fleet_fields, register as register_fleet
 from llmuxd.http.measured import measured
@@ -44,7 +45,8 @@ EXTRA_MODEL_ROUTES = (
 from llmuxd.http.measured import CLIENT_CLOSED  # noqa: E402 - the status of requests whose client went away
 
 #: the daemon's own routes, for the not-found message
-SERVED = "POST /v1/... (with a model), GET /v1/models (or /models), GET /health, GET /metrics, GET /llmux/v1/state"
+SERVED = ("POST /v1/... (with a model), GET /v1/models (or /models), GET /health, GET /metrics, "
+          "GET /llmux/v1/state, GET /llmux/v1/events, GET /llmux/console")
 
 
 class FrontEnd:
@@ -74,6 +76,8 @@ class FrontEnd:
         self.clock = clock
         self.version = version
         self.created = int(time.time())
+        #: /llmux/console and /llmux/v1/events; each proxied request ends in `console.request_served`
+        self.console = Console(self)
 
     def reload(self, config: Any) -> None:
         """Take a new config (models, limits, timeouts) for the next requests;
@@ -94,6 +98,7 @@ class FrontEnd:
         app.router.add_get("/health", measured(m, self.health))
         app.router.add_get("/metrics", measured(m, self.metrics_page))
         register_fleet(app, self)
+        self.console.register(app)
         app.router.add_post("/v1/{tail:.+}", measured(m, self.infer, by_path=True), expect_handler=self.expect)
         for path in EXTRA_MODEL_ROUTES:
             app.router.add_post(path, measured(m, self.infer), expect_handler=self.expect)
@@ -185,8 +190,10 @@ class FrontEnd:
         finally:
             if ticket is not None:
                 ticket.release()
-            self.metrics.observe_request(model, status, self.clock() - started, wait > WAITED_THRESHOLD_S,
+            duration = self.clock() - started
+            self.metrics.observe_request(model, status, duration, wait > WAITED_THRESHOLD_S,
                                          key=key.id if key is not None else NO_KEY)
+            self.console.request_served(request, model, status, wait, started, duration)
 
     def _fail(self, exc: LLMuxError, model: str, key: Any = None) -> web.Response:
         """The one mapping from llmux errors to responses."""

@@ -43,6 +43,8 @@ HOP_BY_HOP = (
 
 #: response header naming the model that answered (debugging aid)
 ANSWERED_BY_HEADER = "X-LLMux-Model"
+#: request key: time.monotonic() when the backend's first body bytes arrived (the console's TTFB)
+FIRST_BYTE_AT = "llmux.first_byte_at"
 #: how the bytes of an SSE stream end after a whole event (a blank line)
 EVENT_ENDS = (b"\n\n", b"\r\n\r\n", b"\r\r")
 
@@ -132,6 +134,7 @@ class Upstream:
             first = await upstream.content.readany()
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             raise UpstreamFailed(model, _reason(exc), upstream.status) from None
+        request[FIRST_BYTE_AT] = time.monotonic()
 
         headers = end_to_end(upstream.headers)
         headers[ANSWERED_BY_HEADER] = model

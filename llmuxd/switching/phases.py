@@ -46,6 +46,7 @@ class SwitchPhases(OverlapPhases):
         forced: bool = False,
         eviction: Optional[Eviction] = None,
         stop: bool = False,
+        reason: str = "",
     ) -> Optional[LLMuxError]:
         """Evict `victims` (default: what the budget needs) and wake `target` (None: evict only).
 
@@ -59,7 +60,7 @@ class SwitchPhases(OverlapPhases):
         to_name = target.name if target is not None else None
         g.switching = (tuple(v.name for v in victims), to_name)
         g.switch_started_at = start
-        self._emit(SwitchStarted(g.name, from_name, to_name))
+        self._emit(SwitchStarted(g.name, from_name, to_name, reason))
         phases: Dict[str, float] = {}
         failure: Optional[LLMuxError] = None
         overlap: Optional[str] = None  # "overlapped" or why not (issue #26)
@@ -160,7 +161,7 @@ class SwitchPhases(OverlapPhases):
                 SwitchFinished(
                     g.name, from_name, to_name, ok=ok, duration=self._clock() - start, phases=phases,
                     error=(str(failure) if failure else ("skipped: no request waits for it any more" if skipped else None)),
-                    drain_timed_out=drain_timed_out, skipped=skipped, overlap=overlap,
+                    drain_timed_out=drain_timed_out, skipped=skipped, overlap=overlap, reason=reason,
                 )
             )
 
