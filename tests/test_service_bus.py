@@ -96,6 +96,13 @@ def llmuxctl(svc: ServiceBed, *args: str, user: str | None = None) -> subprocess
     return tool(svc, str(VENV_BIN / "llmuxctl"), *args, user=user)
 
 
+def ctl_status(svc: ServiceBed) -> dict:
+    """`llmuxctl --json status` of the service, parsed."""
+    result = llmuxctl(svc, "--json", "status")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
 def get_property(svc: ServiceBed, name: str, path: str = MANAGER[0], interface: str = MANAGER[1],
                  user: str | None = None) -> str:
     """busctl's answer, e.g. 's "auto"' (no newline)."""

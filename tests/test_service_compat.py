@@ -19,7 +19,7 @@ import yaml
 
 from sysd.helpers import free_port, http
 from test_service import BUS_NAME, MANAGER, boot_from_tree, wait_for
-from test_service_bus import busctl, get_property, llmuxctl
+from test_service_bus import busctl, get_property, llmuxctl, ctl_status as status
 
 pytestmark = [pytest.mark.systemd, pytest.mark.slow]
 
@@ -41,12 +41,6 @@ def compat_svc():
         yield svc
     finally:
         svc.shut_down()
-
-
-def status(svc) -> dict:
-    result = llmuxctl(svc, "--json", "status")
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
 
 
 def pin(svc) -> tuple[str, str]:

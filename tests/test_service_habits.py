@@ -9,14 +9,13 @@ The scenarios run in file order on one daemon (module fixture `habits_svc`).
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import yaml
 
 from sysd.helpers import free_port
 from test_service import boot_from_tree, wait_for
-from test_service_bus import VENV_BIN, llmuxctl
+from test_service_bus import VENV_BIN, ctl_status as status
 
 pytestmark = [pytest.mark.systemd, pytest.mark.slow]
 
@@ -36,12 +35,6 @@ def habits_svc():
         yield svc
     finally:
         svc.shut_down()
-
-
-def status(svc) -> dict:
-    result = llmuxctl(svc, "--json", "status")
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
 
 
 def test_the_journal_says_which_address_serves_and_how_to_move_it(habits_svc):
