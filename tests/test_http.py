@@ -101,6 +101,7 @@ class FakeBackend:
         app.router.add_post("/v1/firehose", self.firehose)
         app.router.add_post("/v1/bad-params", self.bad_params)
         app.router.add_post("/v1/endless", self.endless)
+        app.router.add_post("/v1/silent", self.silent)
         self.server = TestServer(app)
 
     @property
@@ -169,6 +170,16 @@ class FakeBackend:
             await resp.write(b'"n": %d}\n\n' % n)
             self.first_sent.set()
             await asyncio.sleep(0.01)
+
+    async def silent(self, request: web.Request) -> web.StreamResponse:
+        """Takes the request and says nothing until the proxy gives up on it."""
+        await request.read()
+        try:
+            await asyncio.sleep(WAIT)
+        except asyncio.CancelledError:
+            self.client_gone.set()
+            raise
+        return web.Response(text="too late")
 
     async def bad_params(self, request: web.Request) -> web.Response:
         return web.json_response(
@@ -592,6 +603,39 @@ async def test_client_that_never_reads_is_dropped_and_lease_released(rig, client
         for writer in writers:
             writer.close()
     finally:
+        await server.stop()
+
+
+async def test_backend_silent_past_read_timeout(rig):
+    """A backend that says nothing for read_timeout: before its answer the
+    client gets a 502 that says so; in the middle of an SSE stream, an error
+    event. Either way the lease is released and the backend request dropped."""
+    front = FrontEnd(make_config(), rig.switcher, Metrics(),
+                     upstream=Upstream(read_timeout=0.3, write_timeout=30))
+    server = await _serve(front, "127.0.0.1:0")
+    client = Client(f"http://{server.addresses[0]}")
+    try:
+        resp = await client.post("/v1/silent", json={"model": "alpha"})
+        assert resp.status == 502
+        assert "no response within" in (await resp.json())["error"]["message"]
+        await asyncio.wait_for(rig.alpha.client_gone.wait(), WAIT)
+        assert rig.switcher.leases_out() == 0
+        rig.alpha.client_gone.clear()
+
+        resp = await client.post("/v1/chat/completions", json={"model": "alpha", "stream": True})
+        assert resp.status == 200  # the first event came; the second never does
+        text = (await asyncio.wait_for(resp.content.read(), WAIT)).decode()
+        events = [line[len("data: "):] for line in text.split("\n") if line.startswith("data: ")]
+        assert json.loads(events[0])["n"] == 1
+        err = json.loads(events[-1])["error"]
+        assert err["code"] == 502 and "timed out" in err["message"]
+        await asyncio.wait_for(rig.alpha.client_gone.wait(), WAIT)
+        assert rig.switcher.leases_out() == 0
+        # the proxy still serves the next request
+        resp = await client.post("/v1/chat/completions", json={"model": "beta"})
+        assert resp.status == 200 and (await resp.json())["model"] == "beta"
+    finally:
+        await client.close()
         await server.stop()
 
 
