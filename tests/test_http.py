@@ -172,14 +172,23 @@ class FakeBackend:
             await asyncio.sleep(0.01)
 
     async def silent(self, request: web.Request) -> web.StreamResponse:
-        """Takes the request and says nothing until the proxy gives up on it."""
-        await request.read()
+        """Says nothing (with "stream": true, after a first SSE event) until
+        the proxy drops the connection; polls for that, since aiohttp 3.8
+        does not cancel a handler whose client went away."""
+        body = await request.json()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        if body.get("stream"):
+            await resp.prepare(request)
+            await resp.write(b'data: {"n": 1}\n\n')
         try:
-            await asyncio.sleep(WAIT)
+            for _ in range(WAIT * 100):
+                if request.transport is None or request.transport.is_closing():
+                    break
+                await asyncio.sleep(0.01)
         except asyncio.CancelledError:
-            self.client_gone.set()
-            raise
-        return web.Response(text="too late")
+            pass
+        self.client_gone.set()
+        return resp
 
     async def bad_params(self, request: web.Request) -> web.Response:
         return web.json_response(
@@ -622,7 +631,7 @@ async def test_backend_silent_past_read_timeout(rig):
         assert rig.switcher.leases_out() == 0
         rig.alpha.client_gone.clear()
 
-        resp = await client.post("/v1/chat/completions", json={"model": "alpha", "stream": True})
+        resp = await client.post("/v1/silent", json={"model": "alpha", "stream": True})
         assert resp.status == 200  # the first event came; the second never does
         text = (await asyncio.wait_for(resp.content.read(), WAIT)).decode()
         events = [line[len("data: "):] for line in text.split("\n") if line.startswith("data: ")]
