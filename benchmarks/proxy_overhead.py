@@ -6,7 +6,7 @@ and side by side in front of it, each in its own process:
 
   direct          wrk -> backend (the ceiling: what the backend and the load
                   generator manage without a proxy)
-  bare-asyncio    a minimal aiohttp reverse proxy (benchmarks/bare_proxy.py)
+  bare-asyncio    the strongest minimal aiohttp reverse proxy (benchmarks/bare_proxy.py)
   bare-uvloop     the same on uvloop
   llmux-asyncio   `llmuxd run --event-loop asyncio`, one model whose command
                   is the same backend program (llmux starts it, as it would vLLM)

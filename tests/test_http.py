@@ -102,6 +102,7 @@ class FakeBackend:
         app.router.add_post("/v1/firehose", self.firehose)
         app.router.add_post("/v1/bad-params", self.bad_params)
         app.router.add_post("/v1/endless", self.endless)
+        app.router.add_post("/v1/silent", self.silent)
         self.server = TestServer(app)
 
     @property
@@ -170,6 +171,25 @@ class FakeBackend:
             await resp.write(b'"n": %d}\n\n' % n)
             self.first_sent.set()
             await asyncio.sleep(0.01)
+
+    async def silent(self, request: web.Request) -> web.StreamResponse:
+        """Says nothing (with "stream": true, after a first SSE event) until
+        the proxy drops the connection; polls for that, since aiohttp 3.8
+        does not cancel a handler whose client went away."""
+        body = await request.json()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        if body.get("stream"):
+            await resp.prepare(request)
+            await resp.write(b'data: {"n": 1}\n\n')
+        try:
+            for _ in range(WAIT * 100):
+                if request.transport is None or request.transport.is_closing():
+                    break
+                await asyncio.sleep(0.01)
+        except asyncio.CancelledError:
+            pass
+        self.client_gone.set()
+        return resp
 
     async def bad_params(self, request: web.Request) -> web.Response:
         return web.json_response(
@@ -594,6 +614,39 @@ async def test_client_that_never_reads_is_dropped_and_lease_released(rig, client
         for writer in writers:
             writer.close()
     finally:
+        await server.stop()
+
+
+async def test_backend_silent_past_read_timeout(rig):
+    """A backend that says nothing for read_timeout: before its answer the
+    client gets a 502 that says so; in the middle of an SSE stream, an error
+    event. Either way the lease is released and the backend request dropped."""
+    front = FrontEnd(make_config(), rig.switcher, Metrics(),
+                     upstream=Upstream(read_timeout=0.3, write_timeout=30))
+    server = await _serve(front, "127.0.0.1:0")
+    client = Client(f"http://{server.addresses[0]}")
+    try:
+        resp = await client.post("/v1/silent", json={"model": "alpha"})
+        assert resp.status == 502
+        assert "no response within" in (await resp.json())["error"]["message"]
+        await asyncio.wait_for(rig.alpha.client_gone.wait(), WAIT)
+        assert rig.switcher.leases_out() == 0
+        rig.alpha.client_gone.clear()
+
+        resp = await client.post("/v1/silent", json={"model": "alpha", "stream": True})
+        assert resp.status == 200  # the first event came; the second never does
+        text = (await asyncio.wait_for(resp.content.read(), WAIT)).decode()
+        events = [line[len("data: "):] for line in text.split("\n") if line.startswith("data: ")]
+        assert json.loads(events[0])["n"] == 1
+        err = json.loads(events[-1])["error"]
+        assert err["code"] == 502 and "timed out" in err["message"]
+        await asyncio.wait_for(rig.alpha.client_gone.wait(), WAIT)
+        assert rig.switcher.leases_out() == 0
+        # the proxy still serves the next request
+        resp = await client.post("/v1/chat/completions", json={"model": "beta"})
+        assert resp.status == 200 and (await resp.json())["model"] == "beta"
+    finally:
+        await client.close()
         await server.stop()
 
 

@@ -23,6 +23,7 @@ import signal
 import socket
 from typing import Any, Callable, Sequence
 
+from llmuxd.daemon import eventloop
 from llmuxd.http import FrontEnd, HttpServer
 from llmuxd.eviction import STOP_EVICTION
 from llmuxd.lifecycle import BackendState
@@ -521,6 +522,7 @@ async def run_embedded(
             log.error("llmuxd could not start: %s", exc)
             return 1
         ready = True
+        eventloop.freeze_startup_heap()
         try:
             await stop.wait()
             log.info("stopping: closing the front end and stopping %d backends", len(daemon.config.models))

@@ -445,6 +445,7 @@ async def run_system(args: Any) -> int:
             notifier.send(f"STATUS=could not start: {_first_line(exc)}")
             await daemon.stop(after_failed_start=True)
             return EXIT_UNAVAILABLE
+        eventloop.freeze_startup_heap()
         await stop.wait()
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
