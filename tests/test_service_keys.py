@@ -4,9 +4,8 @@ reload llmuxd` revoking a key while a stream under it finishes, a bad key file
 failing the reload, key ids in the journal, per-key use in `llmuxctl status`,
 and no secret in any journal line or metric.
 
-Keys from `LoadCredential=llmux-keys:` are tested on `llmuxd run` with
-CREDENTIALS_DIRECTORY set (tests/test_e2e_keys.py): the test systemd leaves a
-service's credentials directory empty (LoadCredential= and SetCredential= alike).
+A fourth key comes from `LoadCredential=llmux-keys:FILE` (a credentials file in the
+key format, for deployments that keep secrets out of /etc).
 
 The scenarios run in file order on one daemon (module fixture `keys_svc`).
 """
@@ -27,6 +26,7 @@ from daemon_process import daemon_env
 from llmuxd.keys import hash_secret
 from test_service import boot_from_tree, wait_for
 from test_service_bus import llmuxctl
+from test_service_s3 import credentials_dropin
 
 pytestmark = [pytest.mark.systemd, pytest.mark.slow]
 
@@ -61,6 +61,12 @@ def keys_svc():
         svc.secrets = {"chat": add_key(svc, "chat", "--models", "alpha"),
                        "leaving": add_key(svc, "leaving", "--rate", "100/s", "--burst", "50"),
                        "tight": add_key(svc, "tight", "--rate", "1/h", "--burst", "1")}
+        credential = svc.host_path("/run/llmux-test/llmux-keys.yaml")
+        svc.secrets["from-credential"] = "sk-llmux-credential-" + "7" * 32
+        credential.write_text(f"id: from-credential\nsha256: {hash_secret(svc.secrets['from-credential'])}\n"
+                              "models: [beta]\n")
+        credential.chmod(0o600)
+        credentials_dropin(svc, {"llmux-keys": credential})
         config = svc.host_path(svc.config_file)
         data = yaml.safe_load(config.read_text())
         data["keys_dir"] = KEYS_DIR
@@ -73,10 +79,17 @@ def keys_svc():
         svc.shut_down()
 
 
+def test_a_key_from_load_credential(keys_svc):
+    secret = keys_svc.secrets["from-credential"]
+    assert post(keys_svc, secret, "beta")[0] == 200
+    status, body = post(keys_svc, secret, "alpha")  # outside its models: the unknown model's answer
+    assert status == 404 and "model_not_found" in body, body
+
+
 def test_keys_from_keys_dir(keys_svc):
     assert post(keys_svc, keys_svc.secrets["chat"], "alpha")[0] == 200
     loaded = keys_svc.journal("-u", "llmuxd.service", "LLMUX_EVENT=keys_loaded")
-    assert "3 in force (chat,leaving,tight)" in loaded, keys_svc.journal("-u", "llmuxd.service")[-3000:]
+    assert "4 in force (chat,leaving,tight,from-credential)" in loaded, keys_svc.journal("-u", "llmuxd.service")[-3000:]
     status, body = post(keys_svc, None, "alpha")
     assert status == 401 and json.loads(body)["error"]["code"] == "invalid_api_key"
     status, body = post(keys_svc, keys_svc.secrets["chat"], "beta")  # out of its scope
