@@ -187,8 +187,8 @@ UNKNOWN = [
     ("config.json", '{"models": {"m": {"model_path": "x", "port": 8001, "extra_arg": []}}, "metrics_port": 0}',
      "models.m.extra_arg: unknown key, ignored; did you mean 'extra_args'?"),
     ("config.json", '{"models": {}, "metrics_port": 0, "lora_adapters": {"a": "b"}}',
-     "lora_adapters: unknown key, ignored; allowed keys: admin_port, checkpoint, gpu_probe, groups, listen, max_body_bytes, "
-     "metrics_port, models, policy, port_range, preload, state_dir, stop_backends_on_exit, user, warmup"),
+     "lora_adapters: unknown key, ignored; allowed keys: admin_port, auth, checkpoint, gpu_probe, groups, keys_dir, listen, "
+     "max_body_bytes, metrics_port, models, policy, port_range, preload, state_dir, stop_backends_on_exit, user, warmup"),
     ("config.json", '{"policy": {"policy_typ": "fifo"}, "metrics_port": 0}',
      "policy.policy_typ: unknown key, ignored; did you mean 'policy_type'?"),
 ]

@@ -320,7 +320,7 @@ async def test_configuration_reloaded_by_sighup_during_a_switch(tmp_path):
 
 def test_malformed_config_on_reload_changes_nothing(tmp_path):
     """SIGHUP with a broken file: refused with the file and key named in the
-    log, the running configuration stays, serving goes on."""
+    log, the running configuration (and its API keys) stays, serving goes on."""
     d = start_daemon(tmp_path, [SimModel(A), SimModel(B)])
     try:
         served_by(d, A)
@@ -330,7 +330,7 @@ def test_malformed_config_on_reload_changes_nothing(tmp_path):
                                  + "\nmodels_typo: [\n")
         d.proc.send_signal(signal.SIGHUP)
         line = wait_log(d, r"reload refused[^\n]*", mark)
-        assert "running configuration stays" in line
+        assert "the running configuration and API keys stay" in line
         assert str(d.config_path) in d.log()[mark:]
         mark2 = len(d.log())
         d.config_path.write_text(good.replace("request_timeout: 60.0", "request_timeout: soon"))
