@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,8 +32,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from aiohttp import web  # noqa: E402
+from ports import free_port  # noqa: E402
 
 from llmuxd.daemon.logsources import CapturedOutput  # noqa: E402
 from llmuxd.events import ModelStateChanged, SwitchFinished, SwitchStarted  # noqa: E402
@@ -50,12 +51,6 @@ STATUS = {
     "groups": {"default": {"budget_gib": None, "used_gib": None, "used_ratio": 1.0, "awake": ["a"], "state": "active"}},
 }
 LINE = 'INFO 12-06 03:52:04 [llmux-sim] "POST /v1/chat/completions" 200 0.003s'
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def one_switch(n: int) -> list:

@@ -51,7 +51,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -64,6 +63,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from ports import free_port  # noqa: E402
+
 NATIVE_SRC = ROOT / "benchmarks" / "native"
 CACHE = Path(os.environ.get("LLMUX_BENCH_CACHE") or (
     "/var/cache/llmux-bench" if os.geteuid() == 0 else os.path.expanduser("~/.cache/llmux-bench")))
@@ -103,12 +105,6 @@ end
 
 def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- setup: wrk, the native tools, the peers ---------------------------------------

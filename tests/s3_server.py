@@ -29,6 +29,8 @@ from typing import Any
 
 import pytest
 
+from ports import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 MOTO_SERVER = os.environ.get("LLMUX_TEST_MOTO_SERVER") or str(ROOT / ".venv-moto" / "bin" / "moto_server")
 REGION = "us-east-1"
@@ -46,10 +48,6 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def client(service: str, endpoint: str, access_key: str, secret_key: str) -> Any:

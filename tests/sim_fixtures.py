@@ -18,7 +18,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -30,6 +29,8 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+from ports import free_port  # noqa: F401  (re-exported: tests import it from here)
+
 READY_RE = re.compile(r"Uvicorn running on http://([^:\s]+):(\d+)")
 START_TIMEOUT = 60.0  # generous: the machine is shared
 #: the simulator's ways of holding a model: the JSON ledger (no torch) and real tensors
@@ -39,10 +40,6 @@ SIM_MODES = [pytest.param(None, id="ledger"), pytest.param("cpu", id="torch-cpu"
 PROMPT = {"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class SimProcess:

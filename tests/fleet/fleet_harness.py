@@ -34,6 +34,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "stress"))
 
 from daemon_process import stop_process, wait_healthy  # noqa: E402
+from ports import free_port  # noqa: E402
 from harness import (  # noqa: E402  (the stress suite's daemon, client rule and helpers)
     LOST_GRACE, REQUEST_TIMEOUT, REPO, Daemon, Outcome, Req, SimModel, backend_children, config_data,
     free_port, http, metric_sum, pid_alive, read_error_body, sse_events,
@@ -89,14 +90,6 @@ def sim_models() -> List[SimModel]:
                      sleep_time=0.1, wake_time=0.3, tokens_per_s=100.0) for m in MODELS]
 
 
-def free_port_on(ip: str) -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind((ip, 0))
-        return s.getsockname()[1]
-
-
 class FleetHost:
     """One `llmuxd run` host on its own loopback address with its own GPU ledger."""
 
@@ -104,7 +97,7 @@ class FleetHost:
         self.ip = ip
         self.tmp = tmp
         data = config_data(tmp, sim_models(), capacity_mb=GPU_MB, policy={"min_active": 1, **(policy or {})})
-        self.port = free_port_on(ip)
+        self.port = free_port(ip)
         data["listen"] = f"{ip}:{self.port}"
         path = tmp / "llmux.yaml"
         path.write_text(yaml.safe_dump(data))

@@ -30,7 +30,6 @@ import asyncio
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import threading
@@ -48,6 +47,7 @@ from llmuxd.sim.ledger import GpuLedger
 from llmuxd.sim.server import SIM_MODEL_HEADER
 
 from daemon_process import daemon_env, stop_process, wait_healthy  # noqa: E402  (tests/ is on sys.path)
+from ports import free_port  # noqa: E402,F401  (re-exported to the stress tests)
 
 BIN = Path(sys.executable).parent
 #: the source tree under test: the daemon and its backends import llmuxd from here
@@ -73,10 +73,6 @@ WATCH_SHARE = 0.5
 ERROR_STATUSES = {400, 404, 408, 413, 429, 502, 503, 504}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------- config

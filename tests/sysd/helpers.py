@@ -4,22 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import sys
 import time
 import urllib.error
 import urllib.request
 from typing import Any
 
+from ports import free_port  # noqa: F401  (re-exported: tests import it from here)
+
 PYTHON = sys.executable
 #: generous: tests run on 2 shared cores next to other helpers' suites
 DEADLINE = 60.0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http(method: str, url: str, body: Any = None, timeout: float = 30.0) -> tuple[int, Any]:
