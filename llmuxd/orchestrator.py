@@ -242,6 +242,9 @@ class Orchestrator:
         self._wake_timeout = getattr(policy, "wake_timeout", 120.0)
         self._exit_callbacks: list[Callable[[str, str], None]] = []
         self._engine_factory = engine_factory
+        #: model -> GiB of weights its first wake from sleep measured (weights_gib()); tried once each
+        self._weights_measured: dict[str, float] = {}
+        self._weights_tried: set[str] = set()
         self._models: dict[str, _Model] = {
             name: _Model(mc, ModelStatus(name), engine_factory(mc)) for name, mc in config.models.items()
         }
@@ -600,14 +603,60 @@ class Orchestrator:
         step = self.process_steps.get(eviction.process)
         fresh = bool(await step.revert(self, m)) if step is not None else False
         if eviction.sleep_level is not None and not fresh:
-            await m.engine.wake_up()
+            if not await self._wake_measuring_weights(m, eviction):
+                await m.engine.wake_up()
+                if eviction.weights is WeightStrategy.DISCARD:
+                    await m.engine.collective_rpc("reload_weights")
             if eviction.weights is WeightStrategy.DISCARD:
-                await m.engine.collective_rpc("reload_weights")
                 try:
                     await m.engine.reset_prefix_cache()
                 except Exception as exc:  # noqa: BLE001 - a stale cache only costs speed
                     log.warning("model %s: reset_prefix_cache failed (ignored): %s", m.status.name, exc)
         return fresh
+
+    def weights_gib(self, model: str) -> float | None:
+        """The GiB of `model`'s weights: its `weights_gib`, else what its first
+        wake from sleep measured (None: neither), for the overlap plan."""
+        configured = getattr(self._get(model).config, "weights_gib", None)
+        return float(configured) if configured is not None else self._weights_measured.get(model)
+
+    async def _wake_measuring_weights(self, m: _Model, eviction: Eviction) -> bool:
+        """The first wake from sleep of a model without `weights_gib`, where a GPU
+        probe sees its processes: wake in parts (weights, then KV cache, then
+        scheduling) and take what the weights step added as the weights' size.
+        Tried once per model; False (nothing woken) where it does not apply,
+        and the caller wakes the plain way."""
+        name = m.status.name
+        measure = next((h.measure_backend for h in self.hooks if hasattr(h, "measure_backend")), None)
+        if measure is None or name in self._weights_tried or self.weights_gib(name) is not None:
+            return False
+        self._weights_tried.add(name)
+        before = await measure(self, m)
+        if before is None or before.mib is None:
+            return False
+        try:
+            await m.engine.wake_up(["weights"])
+        except Exception as exc:  # noqa: BLE001
+            if refusal(exc) is None:
+                raise
+            log.warning("model %s: the server refused a partial wake (%s); its weights are not measured, "
+                        "and its switches stay sequential unless weights_gib is set", name, refusal(exc))
+            return False  # nothing was woken: the plain wake follows
+        if eviction.weights is WeightStrategy.DISCARD:
+            await m.engine.collective_rpc("reload_weights")
+        after = await measure(self, m)
+        await m.engine.wake_up(["kv_cache"])
+        await m.engine.wake_up(["scheduling"])
+        if after is not None and after.mib is not None and after.mib > before.mib:
+            self._weights_measured[name] = round((after.mib - before.mib) / 1024, 3)
+            log.info("model %s: weights measured at its first wake: %.2f GiB (%d -> %d MiB, %s); "
+                     "its switches may overlap from now on", name, self._weights_measured[name],
+                     before.mib, after.mib, after.method)
+        else:
+            log.warning("model %s: its weights could not be measured at its first wake (%s -> %s MiB, %s); "
+                        "its switches stay sequential unless weights_gib is set", name, before.mib,
+                        None if after is None else after.mib, before.method)
+        return True
 
     async def _stop(self, m: _Model) -> None:
         handle = m.handle

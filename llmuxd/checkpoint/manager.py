@@ -204,6 +204,13 @@ class CheckpointManager:
             return Measurement(0, "no process left")
         return await self.probe_for(m).measure(pids, tuple(getattr(m.config, "gpus", ()) or ()))
 
+    async def measure_backend(self, orchestrator: Any, m: Any) -> Measurement | None:
+        """What the backend's processes hold now, for the orchestrator's first-wake
+        weights measurement; None where no GPU probe measures."""
+        if m.handle is None or not await measures(self.probe_for(m)):
+            return None
+        return await self._measure(orchestrator, m)
+
     def expected_mb(self, m: Any) -> int | None:
         """What the model should hold awake: gpu_memory_gib, else the simulator's size
         (LLMUX_SIM_GPU_MB), else what its processes held after its first measured wake."""

@@ -35,7 +35,8 @@ def _check_weights(config: Config, name: str, model: Any, group: Any, issues: Is
     if why is None and group.budget_gib is None:
         why = f"its group {model.gpu_group!r} has no budget_gib, so two models' weights never share it"
     if why is None and weights is None:
-        why = "it has no weights_gib, so the budget at the widest point is unknown"
+        why = ("it has no weights_gib, so the budget at the widest point is unknown until a GPU probe "
+               "measures its weights at its first wake")
     if why is None and weights <= group.budget_gib:  # (above it, the error says so already)
         peers = [o.weights_gib for n, o in config.models.items()
                  if n != name and o.gpu_group == model.gpu_group and o.weights_gib is not None]

@@ -92,7 +92,7 @@ def plan_overlap(
         return OverlapPlan(False, "budget: the group has no budget_gib")
     unknown = [s.name for s in (*victims, target) if s.weights_gib is None]
     if unknown:
-        return OverlapPlan(False, f"budget: the weights size of {', '.join(unknown)} is unknown (set weights_gib)")
+        return OverlapPlan(False, f"budget: the weights size of {', '.join(unknown)} is unknown (set weights_gib, or a GPU probe measures it at the model's first wake)")
     moving = sum(float(v.weights_gib or 0.0) for v in victims) + float(target.weights_gib or 0.0)
     if others_gib + moving > budget_gib + _EPS:
         parts = " + ".join(f"{s.name} {s.weights_gib:g}" for s in (*victims, target))

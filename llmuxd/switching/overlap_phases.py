@@ -74,8 +74,16 @@ class OverlapPhases:
         )
 
     def _weights_gib(self, model: str) -> Optional[float]:
+        """`weights_gib`, else what the backends measured at the model's first wake."""
         mc = self._config.models.get(model)
-        return getattr(mc, "weights_gib", None) if mc is not None else None
+        configured = getattr(mc, "weights_gib", None) if mc is not None else None
+        measured = getattr(self._backends, "weights_gib", None)
+        if configured is not None or measured is None:
+            return configured
+        try:
+            return measured(model)
+        except Exception:  # noqa: BLE001 - an unknown model: unknown size
+            return None
 
     async def _overlapped(
         self, g: GroupRuntime, victims: List[ModelRuntime], target: ModelRuntime,

@@ -164,3 +164,30 @@ def test_a_refused_release_is_learned_once_and_switches_go_sequential(tmp_path):
         assert {m["id"] for m in status["data"]} == {A, B}
     finally:
         stop_and_check(d)
+
+
+@pytest.mark.parametrize("probe", ["ledger", "none"])
+def test_weights_measured_at_the_first_wake_let_later_switches_overlap(tmp_path, probe):
+    """No `weights_gib` anywhere: the first switches are sequential and say the size
+    is unknown; each model's first wake from sleep comes in parts and the GPU probe
+    measures its weights (one journal line), after which its switches overlap under
+    the same budget. Negative control: with no probe nothing is measured and no
+    switch overlaps."""
+    models = overlap_models()
+    for m in models:
+        del m.extra["weights_gib"]
+    d = start_daemon(tmp_path, models, policy=POLICY, groups=GROUP, gpu_probe=probe)
+    try:
+        a_active_b_asleep(d)
+        waves = [Wave(burst((B, A)[i % 2], 3), name=f"w{i}", after=f"w{i - 1}" if i else None) for i in range(6)]
+        check(budget_run(d, Scenario(f"learn_weights_{probe}", waves)))
+        log = d.log()
+        measured = re.findall(r"model (\w+): weights measured at its first wake: ([\d.]+) GiB", log)
+        assert re.search(r"sequential: budget: the weights size of .* is unknown", log), log[-3000:]
+        if probe == "none":
+            assert measured == [] and "; overlapped" not in log
+            return
+        assert sorted(measured) == [(A, f"{WEIGHTS_MB / 1024:.2f}"), (B, f"{WEIGHTS_MB / 1024:.2f}")], measured
+        assert re.search(r"switch (alpha -> beta|beta -> alpha) ok in .*; overlapped", log), log[-3000:]
+    finally:
+        stop_and_check(d)
