@@ -24,6 +24,7 @@ import pytest
 
 import llamacpp
 import realvllm
+from ports import free_port  # noqa: E402  (one source of ports per test run)
 from test_real_vllm import PROMPT, Daemon, complete, is_sleeping, model_entry, tree_states, wait_until
 
 pytestmark = [pytest.mark.real_vllm, pytest.mark.llamacpp]
@@ -41,7 +42,7 @@ def llama_entry(cache: llamacpp.LlamaCppCache, port: int, eviction: str) -> dict
 def daemon(real_vllm_cache, tmp_path_factory):
     if _CACHE is None:
         pytest.skip(_WHY)
-    ports = [realvllm.free_port() for _ in range(4)]
+    ports = [free_port() for _ in range(4)]
     interrupting = dict(llama_entry(_CACHE, ports[3], "retain+stop"))
     interrupting["command"] = [a for a in _CACHE.command if a not in ("--interrupt_requests", "False")]
     config = {

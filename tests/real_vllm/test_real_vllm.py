@@ -30,6 +30,7 @@ import pytest
 import yaml
 
 import realvllm
+from ports import free_port  # noqa: E402  (one source of ports per test run)
 
 try:
     import openai
@@ -86,7 +87,7 @@ class Daemon:
     """`llmuxd run --config FILE` as a child process, its log in a file."""
 
     def __init__(self, workdir: Path, config: dict):
-        self.port = realvllm.free_port()
+        self.port = free_port()
         state_dir = workdir / "state"  # never the system's /var/lib/llmux (the backends' cwd)
         state_dir.mkdir(exist_ok=True)
         self.config = {"listen": f"127.0.0.1:{self.port}", "state_dir": str(state_dir), **config}
@@ -195,7 +196,7 @@ def embed(daemon: Daemon, model: str, texts: list[str]) -> list[list[float]]:
 @pytest.fixture(scope="module")
 def daemon(real_vllm_cache, tmp_path_factory):
     cache = real_vllm_cache
-    ports = [realvllm.free_port() for _ in range(3)]
+    ports = [free_port() for _ in range(3)]
     config = {
         # switch as soon as asked: the cooldown would only slow the tests down
         "policy": {"min_active": 0, "request_timeout": REQUEST_TIMEOUT, "drain_timeout": 120},
@@ -349,9 +350,9 @@ def bad_daemon(real_vllm_cache, tmp_path):
     config = {
         "policy": {"min_active": 0, "request_timeout": 300, "failure_backoff": 0},
         "models": {
-            "missing": model_entry(cache, "embed", realvllm.free_port(), "retain+stop",
+            "missing": model_entry(cache, "embed", free_port(), "retain+stop",
                                    model_path=str(tmp_path / "no-such-model")),
-            "never-ready": model_entry(cache, "chat", realvllm.free_port(), "retain+stop", startup_timeout=3),
+            "never-ready": model_entry(cache, "chat", free_port(), "retain+stop", startup_timeout=3),
             "busy-port": model_entry(cache, "embed", busy.getsockname()[1], "retain+stop"),
         },
     }

@@ -15,6 +15,7 @@ import re
 import pytest
 
 import realvllm
+from ports import free_port  # noqa: E402  (one source of ports per test run)
 from test_real_vllm import Daemon, complete, embed, model_entry, wait_until
 
 pytestmark = pytest.mark.real_vllm
@@ -25,7 +26,7 @@ REFUSED = re.compile(r"model '(\w+)' refused a partial sleep step \(.*Selective 
 @pytest.fixture(scope="module")
 def daemon(real_vllm_cache, tmp_path_factory):
     cache = real_vllm_cache
-    ports = [realvllm.free_port() for _ in range(2)]
+    ports = [free_port() for _ in range(2)]
     sizes = {"gpu_group": "cpu", "gpu_memory_gib": 4, "weights_gib": 1}
     config = {
         "policy": {"min_active": 0, "request_timeout": 400.0, "drain_timeout": 120, "overlap": "auto"},

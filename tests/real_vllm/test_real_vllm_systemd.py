@@ -22,6 +22,7 @@ if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
 from sysd.testbed import unavailable_reason  # noqa: E402
+from ports import free_port  # noqa: E402  (one source of ports per test run)
 
 pytestmark = [pytest.mark.real_vllm, pytest.mark.systemd, pytest.mark.slow]
 
@@ -48,7 +49,7 @@ def svc(real_vllm_cache):
             ("chat", cache.smollm2, realvllm.SMOLLM2_ARGS, "offload+keep_running"),
             ("embed", cache.minilm, realvllm.MINILM_ARGS, "retain+freeze"),
         ):
-            port = service.model_ports.setdefault(name, realvllm.free_port())
+            port = service.model_ports.setdefault(name, free_port())
             models[name] = {"model_path": str(model_dir), "command": cache.command, "port": port,
                             "sleep_mode": False, "eviction": eviction, "extra_args": list(args),
                             "env": dict(realvllm.VLLM_ENV), "startup_timeout": REQUEST_TIMEOUT}
