@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import sys
 from typing import List, Tuple
 
@@ -18,6 +17,7 @@ import yaml
 
 from daemon_process import daemon_env
 from fleet_support import Host
+from ports import free_port
 
 TWO = ("a", "b")
 
@@ -31,9 +31,7 @@ async def llmuxctl(*args: str) -> Tuple[int, str, str]:
 
 
 def dead_url() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}"
+    return f"http://127.0.0.1:{free_port()}"  # nothing listens there
 
 
 def row(table: str, host: str) -> List[str]:

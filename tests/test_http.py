@@ -25,6 +25,8 @@ from llmuxd.http.proxy import Upstream
 from llmuxd.metrics import Metrics
 from llmuxd.priority import DEFAULT_PRIORITY
 
+from ports import free_port
+
 WAIT = 30  # generous bound for event waits; never a timing assertion
 
 
@@ -450,9 +452,7 @@ async def test_backend_dying_before_answering_is_a_clean_502(rig):
 
 
 async def test_unreachable_backend_is_a_502(rig):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     rig.switcher.endpoints["alpha"] = dead
     resp = await rig.client.post("/v1/chat/completions", json={"model": "alpha"})
     assert resp.status == 502
