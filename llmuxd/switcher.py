@@ -343,8 +343,12 @@ class Switcher(Controls, SwitchPhases):
         g.deferrals[m.name] = loop.call_at(when, self._deferral_ended, g, m)
 
     def _deferral_ended(self, g: GroupRuntime, m: ModelRuntime) -> None:
+        """Ask again with fresh numbers (an empty queue switches nothing), about every
+        model waiting in the group, oldest first: targets deferred to the same moment
+        (the end of one serving window) must go in demand order, not in the order in
+        which float noise fires their timers."""
         g.deferrals.pop(m.name, None)
-        self._on_demand(m, deferred=True)  # fresh numbers: an empty queue switches nothing
+        self._reevaluate(g)
 
     def _reevaluate(self, g: GroupRuntime) -> None:
         """After a switch or a change of mode: decide again for everyone waiting, stale

@@ -739,3 +739,20 @@ async def test_zero_queue_limit_refuses_waiting_but_serves_the_awake_model():
         await switcher.acquire("a")
     await switcher.switch("a")
     (await switcher.acquire("a")).release()
+
+
+@virtual
+async def test_targets_whose_deferrals_end_together_go_oldest_first():
+    """cost_aware defers b and then c to the end of a's serving window. When c's timer
+    fires first (its estimate is 1 ms cheaper: float noise does as much), the older
+    demand, b, still switches first: a deferral that ends asks again about everyone
+    waiting, oldest first."""
+    switcher, backends, events = await rig(("a", "b", "c"), policy={"type": "cost_aware", "max_wait": 100})
+    switcher.load_costs({"a→b": 10.0, "a→c": 9.999})
+    (await switcher.acquire("a")).release()
+    b = asyncio.ensure_future(switcher.acquire("b"))
+    await asyncio.sleep(1)
+    c = asyncio.ensure_future(switcher.acquire("c"))
+    (await b).release()
+    (await c).release()
+    assert [e.to_model for e in events if isinstance(e, SwitchStarted)] == ["a", "b", "c"]
