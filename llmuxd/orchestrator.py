@@ -637,11 +637,10 @@ class Orchestrator:
         try:
             await m.engine.wake_up(["weights"])
         except Exception as exc:  # noqa: BLE001
-            refused = refusal(exc)
-            if refused is None:
+            if refusal(exc) is None:
                 raise
             log.warning("model %s: the server refused a partial wake (%s); its weights are not measured, "
-                        "and its switches stay sequential unless weights_gib is set", name, refused)
+                        "and its switches stay sequential unless weights_gib is set", name, refusal(exc))
             return False  # nothing was woken: the plain wake follows
         if eviction.weights is WeightStrategy.DISCARD:
             await m.engine.collective_rpc("reload_weights")

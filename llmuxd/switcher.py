@@ -73,8 +73,6 @@ log = logging.getLogger(__name__)
 #: module constants: the fast path compares by identity without an enum attribute lookup
 _INTERACTIVE = Priority.INTERACTIVE
 _BATCH = Priority.BATCH
-#: seconds within which two deferrals in one group count as ending at the same moment
-DEFER_TIE_S = 0.01
 
 class Switcher(Controls, SwitchPhases):
     """State machine over the models of one config; see the module docstring."""
@@ -337,11 +335,6 @@ class Switcher(Controls, SwitchPhases):
     def _defer(self, g: GroupRuntime, m: ModelRuntime, delay: float) -> None:
         loop = asyncio.get_running_loop()
         when = loop.time() + delay
-        # deferrals in one group that end within DEFER_TIE_S end together, at the later
-        # time: the first to fire then finds every one of them due and asks in demand order
-        ties = [h.when() for name, h in g.deferrals.items()
-                if name != m.name and abs(h.when() - when) <= DEFER_TIE_S]
-        when = max([when, *ties])
         handle = g.deferrals.get(m.name)
         if handle is not None:
             if handle.when() <= when:
@@ -352,8 +345,8 @@ class Switcher(Controls, SwitchPhases):
     def _deferral_ended(self, g: GroupRuntime, m: ModelRuntime) -> None:
         """Ask again with fresh numbers (an empty queue switches nothing), about every
         model waiting in the group, oldest first: targets deferred to the same moment
-        (the end of one serving window, `_defer`'s ties) go in demand order, not in the
-        order in which their timers fire."""
+        (the end of one serving window) must go in demand order, not in the order in
+        which float noise fires their timers."""
         g.deferrals.pop(m.name, None)
         self._reevaluate(g)
 

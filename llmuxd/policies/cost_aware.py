@@ -26,6 +26,11 @@ from llmuxd.policies.costs import SwitchCosts
 from llmuxd.policies.priority import batch_recheck, batch_yields, interactive_preempts
 
 
+#: a serving window this close to its end has ended: two targets deferred to one window's
+#: end are then both due when the first timer fires, and go in demand order
+WINDOW_SLACK_S = 0.01
+
+
 class CostAwarePolicy:
     name = "cost_aware"
     tick_interval: Optional[float] = None
@@ -61,7 +66,7 @@ class CostAwarePolicy:
         if to_stale <= 0:
             return NOW
         window_left = ctx.switch_cost - ctx.active_duration
-        if window_left > 0:
+        if window_left > WINDOW_SLACK_S:
             return Decision.defer(min(window_left, to_stale))
         if ctx.target_queue_depth >= self.threshold(ctx.switch_cost):
             return NOW

@@ -74,14 +74,14 @@ class OverlapPhases:
         )
 
     def _weights_gib(self, model: str) -> Optional[float]:
-        """The backends' answer (`weights_gib`, else what the model's first wake measured),
-        or the config's where the backends have none."""
-        answer = getattr(self._backends, "weights_gib", None)
-        if answer is None:
-            mc = self._config.models.get(model)
-            return getattr(mc, "weights_gib", None) if mc is not None else None
+        """`weights_gib`, else what the backends measured at the model's first wake."""
+        mc = self._config.models.get(model)
+        configured = getattr(mc, "weights_gib", None) if mc is not None else None
+        measured = getattr(self._backends, "weights_gib", None)
+        if configured is not None or measured is None:
+            return configured
         try:
-            return answer(model)
+            return measured(model)
         except Exception:  # noqa: BLE001 - an unknown model: unknown size
             return None
 
